@@ -1,0 +1,30 @@
+"""Low-bit GEMM kernels: Triton implementations, their PyTorch reference, and dispatch.
+
+Every public op takes the same arguments on both backends (see reference.py for the semantics).
+"""
+from . import reference
+from .dispatch import BACKENDS, backend_for, requested_backend, set_backend
+from .packing import pack_int4, pack_ternary, unpack_int4, unpack_ternary
+
+OPS = ("lora_down", "quantize_act_int4", "quantize_act_int8", "w4a4_gemm", "w4a16_gemm", "ternary_gemm", "ternary_int8_gemm")
+
+
+def _dispatched(name):
+    def op(x, *args, **kwargs):
+        return getattr(backend_for(x.device), name)(x, *args, **kwargs)
+
+    op.__name__ = name
+    op.__doc__ = getattr(reference, name).__doc__
+    return op
+
+
+lora_down = _dispatched("lora_down")
+quantize_act_int4 = _dispatched("quantize_act_int4")
+quantize_act_int8 = _dispatched("quantize_act_int8")
+w4a4_gemm = _dispatched("w4a4_gemm")
+w4a16_gemm = _dispatched("w4a16_gemm")
+ternary_gemm = _dispatched("ternary_gemm")
+ternary_int8_gemm = _dispatched("ternary_int8_gemm")
+
+__all__ = ["BACKENDS", "OPS", "backend_for", "requested_backend", "set_backend", "reference",
+           "pack_int4", "unpack_int4", "pack_ternary", "unpack_ternary", *OPS]

@@ -1,0 +1,66 @@
+"""Backend choice: Triton on a GPU when Triton imports, the PyTorch reference otherwise.
+
+LOWBIT_BACKEND=reference|triton overrides (triton on a CPU tensor needs TRITON_INTERPRET=1).
+The first fallback to the reference on a GPU tensor logs one line saying why.
+"""
+import logging
+import os
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("comfyui_lowbit")
+
+BACKENDS = ("auto", "reference", "triton")
+_triton_ops = None
+_triton_error: str | None = None
+_warned = False
+_forced: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for this process (the loader node's `backend` input); None or 'auto' resets."""
+    global _forced
+    if name not in (None, *BACKENDS):
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _forced = None if name in (None, "auto") else name
+
+
+def _load_triton():
+    global _triton_ops, _triton_error
+    if _triton_ops is None and _triton_error is None:
+        try:
+            from . import triton_ops
+
+            _triton_ops = triton_ops
+        except Exception as e:  # ImportError, or a Triton build without a usable backend
+            _triton_error = f"{type(e).__name__}: {e}"
+    return _triton_ops
+
+
+def requested_backend() -> str:
+    name = _forced or os.environ.get("LOWBIT_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"LOWBIT_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def backend_for(device: torch.device):
+    """The module (reference or triton_ops) whose functions run on `device`."""
+    global _warned
+    name = requested_backend()
+    if name == "reference":
+        return reference
+    if name == "triton":
+        ops = _load_triton()
+        if ops is None:
+            raise RuntimeError(f"LOWBIT_BACKEND=triton but the Triton kernels cannot load: {_triton_error}")
+        return ops
+    if device.type == "cpu":
+        return reference
+    ops = _load_triton()
+    if ops is None and not _warned:
+        _warned = True
+        log.warning("comfyui-lowbit: using the PyTorch reference on %s (Triton unavailable: %s)", device, _triton_error)
+    return ops or reference

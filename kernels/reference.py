@@ -1,0 +1,109 @@
+"""PyTorch reference of every kernel: the exact semantics the Triton kernels reproduce.
+
+Conventions shared with the Triton kernels:
+- Activation quantization runs in float32: xs = (x + shift) / smooth; per token and group,
+  scale = absmax / qmax, q = clamp(floor(xs / scale + 0.5), qmin, qmax); a group of zeros gives
+  scale 0 and q 0. Signed int4: qmax 7, qmin -7 (clamp -8). Unsigned int4: qmax 15, qmin 0.
+  Int8 (ternary): one group spanning K, qmax 127.
+- "compute dtype" is the 16-bit dtype of the layer's 16-bit tensors; 16-bit matmuls take operands in
+  it and accumulate in float32. Integer dots are exact; they are rescaled in float32 group by group:
+  acc += dot * (a_scale * w_scale).
+- The low-rank branch reads the raw input: lr = round_to_compute_dtype(x @ proj_down), then
+  out += lr @ proj_up^T in float32, then + bias, then cast to the output dtype.
+"""
+import torch
+
+from .packing import unpack_int4, unpack_ternary
+
+ACT_SHIFT = 0.171875  # shift for the unsigned (post-GELU) activation variant
+
+
+def _quantize_groups(xs: torch.Tensor, group_size: int, qmin: int, qmax: int):
+    m, k = xs.shape
+    g = xs.reshape(m, k // group_size, group_size)
+    absmax = g.abs().amax(dim=-1)
+    scale = absmax / qmax
+    safe = torch.where(absmax > 0, scale, torch.ones_like(scale))
+    q = torch.floor(g / safe.unsqueeze(-1) + 0.5).clamp_(qmin, qmax)
+    return q.reshape(m, k).to(torch.int8), scale
+
+
+def lora_down(x: torch.Tensor, proj_down: torch.Tensor | None) -> torch.Tensor | None:
+    if proj_down is None:
+        return None
+    return (x.to(proj_down.dtype).float() @ proj_down.float()).to(proj_down.dtype)
+
+
+def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
+    """x (M, K) -> (q int8 (M, K) in int4 range, scales float32 (M, K/group), lr (M, r) or None)."""
+    xs = x.float()
+    if unsigned:
+        xs = xs + ACT_SHIFT
+    if smooth is not None:
+        xs = xs / smooth.float()
+    q, scale = _quantize_groups(xs, group_size, 0 if unsigned else -8, 15 if unsigned else 7)
+    return q, scale, lora_down(x, proj_down)
+
+
+def quantize_act_int8(x, proj_down=None):
+    """x (M, K) -> (q int8 (M, K) in [-127, 127], scales float32 (M,), lr (M, r) or None)."""
+    q, scale = _quantize_groups(x.float(), x.shape[1], -127, 127)
+    return q, scale[:, 0], lora_down(x, proj_down)
+
+
+def _epilogue(acc, lr, proj_up, bias, out_dtype):
+    if lr is not None:
+        acc = acc + lr.float() @ proj_up.float().t()
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype)
+
+
+def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=torch.bfloat16):
+    """qx int8 (M, K), ascales f32 (M, G), qweight uint8 (N, K/2), wscales (G, N) -> (M, N)."""
+    m, k = qx.shape
+    groups = wscales.shape[0]
+    gs = k // groups
+    qw = unpack_int4(qweight).float()
+    xf = qx.float()
+    acc = torch.zeros(m, qw.shape[0], dtype=torch.float32, device=qx.device)
+    for g in range(groups):
+        sl = slice(g * gs, (g + 1) * gs)
+        dot = xf[:, sl] @ qw[:, sl].t()  # exact: |values| < 2^24
+        acc = acc + dot * (ascales[:, g : g + 1] * wscales[g].float().unsqueeze(0))
+    return _epilogue(acc, lr, proj_up, bias, out_dtype)
+
+
+def dequant_int4(qweight, wscales, wzeros=None, dtype=None):
+    """(N, K/2) int4 + (G, N) scales [+ (G, N) zeros] -> (N, K) weight: q * s + z, rounded to dtype."""
+    q = unpack_int4(qweight).float()
+    n, k = q.shape
+    gs = k // wscales.shape[0]
+    w = q * wscales.float().t().repeat_interleave(gs, dim=1)
+    if wzeros is not None:
+        w = w + wzeros.float().t().repeat_interleave(gs, dim=1)
+    return w.to(dtype or wscales.dtype)
+
+
+def w4a16_gemm(x, qweight, wscales, wzeros=None, bias=None, out_dtype=None):
+    """x (M, K) -> (M, N): x @ dequant(W)^T with both operands in the compute dtype."""
+    cdt = wscales.dtype
+    w = dequant_int4(qweight, wscales, wzeros, cdt)
+    acc = x.to(cdt).float() @ w.float().t()
+    return _epilogue(acc, None, None, bias, out_dtype or x.dtype)
+
+
+def ternary_gemm(x, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=None):
+    """16-bit activations: x (M, K), qweight uint8 (N, K/4), wscales (N,) -> (M, N)."""
+    cdt = wscales.dtype
+    t = unpack_ternary(qweight).float()
+    acc = (x.to(cdt).float() @ t.t()) * wscales.float().unsqueeze(0)
+    return _epilogue(acc, lr, proj_up, bias, out_dtype or x.dtype)
+
+
+def ternary_int8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=torch.bfloat16):
+    """int8 activations: qx int8 (M, K), xscales f32 (M,) -> (M, N)."""
+    t = unpack_ternary(qweight).float()
+    dot = qx.float() @ t.t()  # exact while K * 127 < 2^24
+    acc = dot * (xscales.unsqueeze(1) * wscales.float().unsqueeze(0))
+    return _epilogue(acc, lr, proj_up, bias, out_dtype)

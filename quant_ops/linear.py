@@ -1,0 +1,129 @@
+"""Quantized linear layers: packed tensors as buffers, forward through the dispatched kernels."""
+import torch
+from torch import nn
+
+from .. import kernels
+from ..kernels.reference import ACT_SHIFT, dequant_int4
+from .formats import TernaryWeights, W4A4Weights, W4A16Weights
+
+
+class LowBitLinear(nn.Module):
+    """Base: the buffers are the format's tensors under the same names as in a checkpoint."""
+
+    FORMAT_CLS = None
+    VALUES_PER_BYTE = 2
+
+    def __init__(self, packed):
+        super().__init__()
+        packed.validate(type(self).__name__)
+        self._options = {k: v for k, v in packed.config().items() if k not in ("format", "in_features", "out_features")}
+        for k in packed.TENSORS:
+            self.register_buffer(k, getattr(packed, k))
+
+    @property
+    def fmt(self) -> str:
+        return self.FORMAT_CLS.FORMAT
+
+    def packed(self):
+        """The layer's format object (sharing this module's tensors)."""
+        return self.FORMAT_CLS(**{k: getattr(self, k) for k in self.FORMAT_CLS.TENSORS}, **self._options)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1] * self.VALUES_PER_BYTE
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.wscales.dtype
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Shapes (rank, group size) come from the checkpoint, so buffers are replaced rather than copied into.
+        found = {k: state_dict[prefix + k] for k in self.FORMAT_CLS.TENSORS if prefix + k in state_dict}
+        if not found:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        packed = self.FORMAT_CLS.from_tensors(found, self._options, layer=prefix.rstrip("."))
+        for k in self.FORMAT_CLS.TENSORS:
+            setattr(self, k, getattr(packed, k))
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        if x.shape[-1] != k:
+            raise ValueError(f"{type(self).__name__}: input last dimension is {x.shape[-1]}, expected in_features = {k}")
+        return x.reshape(-1, k)
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self._options.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, {opts}".rstrip(", ")
+
+    def float_bias(self) -> torch.Tensor | None:
+        """The bias of the float layer that `dequantize()` describes."""
+        return None if self.bias is None else self.bias.float()
+
+
+class SVDQW4A4Linear(LowBitLinear):
+    FORMAT_CLS = W4A4Weights
+
+    def forward(self, x):
+        x2 = self._flat(x)
+        q, s, lr = kernels.quantize_act_int4(x2, self.smooth, self.proj_down, unsigned=self._options["act_unsigned"])
+        y = kernels.w4a4_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _residual(self) -> torch.Tensor:
+        return dequant_int4(self.weight, self.wscales, dtype=torch.float32) / self.smooth.float()
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (N, K) weight: residual / smooth + proj_up @ proj_down^T."""
+        w = self._residual()
+        if self.proj_down is not None:
+            w = w + self.proj_up.float() @ self.proj_down.float().t()
+        return w
+
+    def float_bias(self):
+        if not self._options["act_unsigned"]:
+            return super().float_bias()
+        comp = ACT_SHIFT * self._residual().sum(dim=1)
+        return comp if self.bias is None else self.bias.float() + comp
+
+
+class W4A16Linear(LowBitLinear):
+    FORMAT_CLS = W4A16Weights
+
+    def forward(self, x):
+        y = kernels.w4a16_gemm(self._flat(x), self.weight, self.wscales, self.wzeros, self.bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def dequantize(self) -> torch.Tensor:
+        return dequant_int4(self.weight, self.wscales, self.wzeros, dtype=torch.float32)
+
+
+class TernaryLinear(LowBitLinear):
+    FORMAT_CLS = TernaryWeights
+    VALUES_PER_BYTE = 4
+
+    def forward(self, x):
+        x2 = self._flat(x)
+        if self._options["act_int8"]:
+            q, s, lr = kernels.quantize_act_int8(x2, self.proj_down)
+            y = kernels.ternary_int8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+        else:
+            lr = kernels.lora_down(x2, self.proj_down)
+            y = kernels.ternary_gemm(x2, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def dequantize(self) -> torch.Tensor:
+        w = kernels.unpack_ternary(self.weight).float() * self.wscales.float().unsqueeze(1)
+        if self.proj_down is not None:
+            w = w + self.proj_up.float() @ self.proj_down.float().t()
+        return w
+
+
+MODULES = {cls.FORMAT_CLS.FORMAT: cls for cls in (SVDQW4A4Linear, W4A16Linear, TernaryLinear)}
+
+
+def module_from_packed(packed) -> LowBitLinear:
+    return MODULES[packed.FORMAT](packed)
