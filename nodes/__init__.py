@@ -1,3 +1,19 @@
 """ComfyUI nodes (the only package besides the root __init__ that imports ComfyUI)."""
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .calibrate import LowBitCalibrate, LowBitSaveCalibration
+from .loaders import LowBitDiffusionModelLoader, LowBitTextEncoderLoader
+from .quantize import LowBitQuantizeModel
+
+NODE_CLASS_MAPPINGS = {
+    "LowBitDiffusionModelLoader": LowBitDiffusionModelLoader,
+    "LowBitTextEncoderLoader": LowBitTextEncoderLoader,
+    "LowBitQuantizeModel": LowBitQuantizeModel,
+    "LowBitCalibrate": LowBitCalibrate,
+    "LowBitSaveCalibration": LowBitSaveCalibration,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LowBitDiffusionModelLoader": "Load LowBit Diffusion Model",
+    "LowBitTextEncoderLoader": "Load LowBit Text Encoders (FLUX)",
+    "LowBitQuantizeModel": "LowBit Quantize Model",
+    "LowBitCalibrate": "LowBit Calibrate (record activations)",
+    "LowBitSaveCalibration": "LowBit Save Calibration",
+}

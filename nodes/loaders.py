@@ -1,0 +1,141 @@
+"""Loader nodes: lowbit FLUX diffusion model and FLUX text encoders (lowbit T5 and/or CLIP-L)."""
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from .. import kernels
+from .ops import lowbit_modules, make_ops
+
+log = logging.getLogger("comfyui_lowbit")
+
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+T5_CONFIG_KEYS = ("d_ff", "d_kv", "d_model", "num_heads", "num_layers", "vocab_size", "dense_act_fn",
+                  "is_gated_act", "relative_attention_num_buckets", "layer_norm_epsilon")
+
+
+def _wrap_patcher(model_patcher):
+    """Route LoRA patches into the quantized layers' low-rank branch (nodes/patcher.py, when present)."""
+    try:
+        from .patcher import wrap_patcher
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.patcher":
+            raise
+        return model_patcher
+    return wrap_patcher(model_patcher)
+
+
+def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, disable_dynamic: bool = False):
+    """A ComfyUI ModelPatcher for a lowbit FLUX checkpoint at `path`."""
+    from ..quant_ops import checkpoint
+
+    info = checkpoint.read_info(path)
+    if info.model != "flux":
+        raise ValueError(f"{path}: a lowbit {info.model!r} checkpoint, expected a FLUX diffusion model "
+                         f"(lowbit.model = 'flux'); load text encoders with 'Load LowBit Text Encoders (FLUX)'")
+    sd, info = checkpoint.load_checkpoint(path)
+    options = {"custom_operations": make_ops(info.layers, dtype, source=path)}
+    if dtype is not None:
+        options["dtype"] = dtype
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, disable_dynamic=disable_dynamic)
+    if patcher is None:
+        raise RuntimeError(f"{path}: ComfyUI could not detect a FLUX model in this lowbit checkpoint "
+                           f"(keys such as img_in.weight and double_blocks.0.img_attn.norm.key_norm.scale are expected)")
+    n_quant = len(lowbit_modules(patcher.model.diffusion_model))
+    if n_quant != len(info.layers):
+        raise ValueError(f"{path}: lowbit.layers lists {len(info.layers)} quantized layers but the model took "
+                         f"{n_quant}; the layer names do not match ComfyUI's FLUX")
+    patcher.cached_patcher_init = (load_lowbit_diffusion_model, (path, dtype))
+    return _wrap_patcher(patcher)
+
+
+class LowBitDiffusionModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (folder_paths.get_filename_list("diffusion_models"),
+                           {"tooltip": "A lowbit FLUX checkpoint (4-bit SVDQuant W4A4 or 1.58-bit ternary) in models/diffusion_models."}),
+            "backend": (list(kernels.BACKENDS),
+                        {"default": "auto", "tooltip": "auto: Triton kernels on a GPU, the PyTorch reference on CPU. "
+                                                       "reference: exact PyTorch path everywhere (slow). triton: require Triton."}),
+            "compute_dtype": (list(DTYPES), {"default": "auto",
+                              "tooltip": "16-bit dtype of scales, low-rank branch and activations; auto lets ComfyUI pick "
+                                         "(float16 on GPUs without bfloat16)."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "lowbit"
+    DESCRIPTION = "Loads a lowbit FLUX diffusion model as ComfyUI's own FLUX with quantized linear layers."
+
+    def load(self, model_name, backend="auto", compute_dtype="auto"):
+        kernels.set_backend(backend)
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        return (load_lowbit_diffusion_model(path, DTYPES[compute_dtype]),)
+
+
+def _read_text_encoder(path: str):
+    """(state dict, lowbit info or None) for a lowbit or ordinary 16-bit text encoder file."""
+    from ..quant_ops import checkpoint
+
+    try:
+        info = checkpoint.read_info(path)
+    except checkpoint.NotALowbitCheckpoint:
+        return comfy.utils.load_torch_file(path, safe_load=True), None
+    if info.model == "flux":
+        raise ValueError(f"{path}: a lowbit 'flux' checkpoint, expected a text encoder (T5 or CLIP-L); "
+                         f"load FLUX models with 'Load LowBit Diffusion Model'")
+    return checkpoint.load_checkpoint(path)
+
+
+def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None):
+    """A ComfyUI CLIP (FLUX: CLIP-L + T5-XXL) from files of which any may be lowbit."""
+    state_dicts, layers, options = [], {}, {}
+    for path in paths:
+        sd, info = _read_text_encoder(path)
+        state_dicts.append(sd)
+        if info is None:
+            continue
+        clash = set(layers) & set(info.layers)
+        if clash:
+            raise ValueError(f"{path}: quantized layer names also in another text encoder file: {sorted(clash)[:3]}")
+        layers.update(info.layers)
+        if info.model == "t5":  # a lowbit T5 carries its architecture; it overrides ComfyUI's T5-XXL config
+            cfg = {k: info.config[k] for k in T5_CONFIG_KEYS if k in (info.config or {})}
+            if cfg:
+                options["t5xxl_model_config"] = cfg
+    options["custom_operations"] = make_ops(layers, dtype, source=" + ".join(paths))
+    clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=state_dicts, clip_type=comfy.sd.CLIPType.FLUX,
+                                                  embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                                  model_options=options)
+    n_quant = len(lowbit_modules(clip.cond_stage_model))
+    if n_quant != len(layers):
+        raise ValueError(f"{' + '.join(paths)}: lowbit.layers lists {len(layers)} quantized layers but the text "
+                         f"encoders took {n_quant}; the layer names do not match ComfyUI's T5 / CLIP")
+    return clip
+
+
+class LowBitTextEncoderLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = folder_paths.get_filename_list("text_encoders")
+        return {"required": {
+            "clip_name1": (names, {"tooltip": "CLIP-L or T5-XXL from models/text_encoders; lowbit or 16-bit."}),
+            "clip_name2": (names, {"tooltip": "The other FLUX text encoder (T5-XXL or CLIP-L); lowbit or 16-bit."}),
+            "compute_dtype": (list(DTYPES), {"default": "auto",
+                              "tooltip": "16-bit dtype of the quantized layers' scales and low-rank branch; auto keeps "
+                                         "the text encoder's dtype."}),
+        }}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "lowbit"
+    DESCRIPTION = "Loads FLUX's two text encoders, either of which may be a lowbit checkpoint."
+
+    def load(self, clip_name1, clip_name2, compute_dtype="auto"):
+        paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
+        return (load_lowbit_text_encoders(paths, DTYPES[compute_dtype]),)

@@ -1,0 +1,81 @@
+"""LowBitQuantizeModel: quantize a 16-bit model from diffusion_models / text_encoders next to itself."""
+import os
+
+import comfy.utils
+import folder_paths
+
+FOLDERS = ("diffusion_models", "text_encoders")
+FORMATS = ("svdq_w4a4", "ternary")
+NO_CALIB = "none (data-free)"
+
+
+def _sources() -> list[str]:
+    return [f"{folder}/{name}" for folder in FOLDERS for name in folder_paths.get_filename_list(folder)
+            if name.endswith(".safetensors")]
+
+
+def _calibration_files() -> list[str]:
+    out = folder_paths.get_output_directory()
+    found = []
+    for root, _, files in os.walk(out):
+        found += [os.path.relpath(os.path.join(root, f), out) for f in files if f.endswith(".safetensors")]
+    return sorted(found)
+
+
+def _output_path(src: str, output_name: str) -> str:
+    name = output_name.strip()
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise ValueError(f"output_name must be a plain file name (no folders), got {output_name!r}")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    path = os.path.join(os.path.dirname(src), name)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; choose another output_name (existing files are never overwritten)")
+    return path
+
+
+class LowBitQuantizeModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (_sources(), {"tooltip": "A 16-bit FLUX transformer (diffusion_models) or T5 text encoder "
+                                                   "(text_encoders) to quantize."}),
+            "format": (list(FORMATS), {"default": "svdq_w4a4",
+                       "tooltip": "svdq_w4a4: 4-bit weights and activations with a 16-bit low-rank branch (SVDQuant). "
+                                  "ternary: 1.58-bit weights with a low-rank branch."}),
+            "rank": ("INT", {"default": 32, "min": 0, "max": 512, "step": 8,
+                             "tooltip": "Rank of the 16-bit low-rank branch (32 for W4A4; 64-128 helps ternary)."}),
+            "calibration": ([NO_CALIB] + _calibration_files(),
+                            {"tooltip": "A calibration file from 'LowBit Save Calibration' (ComfyUI output folder), "
+                                        "or none for data-free quantization."}),
+            "output_name": ("STRING", {"default": "flux-lowbit.safetensors",
+                                       "tooltip": "File name written next to the source model; an existing file is "
+                                                  "never overwritten."}),
+        }}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "quantize"
+    CATEGORY = "lowbit"
+    DESCRIPTION = "Writes a lowbit checkpoint of a 16-bit model next to it (then load it with the LowBit loaders)."
+
+    def quantize(self, model_name, format, rank, calibration, output_name):
+        from ..quant_ops import convert
+
+        folder, _, name = model_name.partition("/")
+        if folder not in FOLDERS:
+            raise ValueError(f"model_name must start with one of {FOLDERS}, got {model_name!r}")
+        src = folder_paths.get_full_path_or_raise(folder, name)
+        dst = _output_path(src, output_name)
+        calib = None
+        if calibration != NO_CALIB:
+            calib = os.path.join(folder_paths.get_output_directory(), calibration)
+            if not os.path.isfile(calib):
+                raise FileNotFoundError(f"calibration file {calib} not found")
+        bar = comfy.utils.ProgressBar(1)
+
+        def progress(done, total):
+            bar.update_absolute(done, total)
+
+        convert.quantize_file(src, dst, fmt=format, rank=rank, calib=calib, progress=progress)
+        return {"ui": {"text": [dst]}}

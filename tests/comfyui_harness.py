@@ -1,0 +1,197 @@
+"""Headless ComfyUI for integration tests: a real `main.py --cpu` server on a free loopback port.
+
+The pack is symlinked into a temporary base directory (custom_nodes, models, input, output, user),
+API-format workflows are POSTed to /prompt and /history/<id> is polled with bounded waits. The
+server is always killed by stop() (use it as a context manager).
+
+Besides this pack, a one-file test pack is written next to it with two nodes the tests need:
+LowBitTestConditioning (seeded random FLUX conditioning, for tiny models whose text width no real
+text encoder has) and LowBitTestLiveModules (counts live quantized modules, for leak checks).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+TEST_PACK = '''
+import gc
+import torch
+
+
+class LowBitTestConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8}),
+                             "context_dim": ("INT", {"default": 64}), "pooled_dim": ("INT", {"default": 32})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "lowbit_test"
+
+    def make(self, seed, tokens, context_dim, pooled_dim):
+        g = torch.Generator().manual_seed(seed)
+        cond = torch.randn(1, tokens, context_dim, generator=g)
+        pooled = torch.randn(1, pooled_dim, generator=g)
+        return ([[cond, {"pooled_output": pooled}]],)
+
+
+class LowBitTestLiveModules:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"nonce": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "count"
+    CATEGORY = "lowbit_test"
+
+    def count(self, nonce):
+        gc.collect()
+        n = sum(1 for o in gc.get_objects()
+                if isinstance(o, torch.nn.Module) and any(c.__name__ == "LowBitLinear" for c in type(o).__mro__))
+        return {"ui": {"live": [n]}}
+
+
+NODE_CLASS_MAPPINGS = {"LowBitTestConditioning": LowBitTestConditioning, "LowBitTestLiveModules": LowBitTestLiveModules}
+'''
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyError(RuntimeError):
+    pass
+
+
+class ComfyServer:
+    def __init__(self, comfy_path: str, base_dir: Path, python: str = sys.executable, start_timeout: float = 180):
+        self.comfy_path = Path(comfy_path)
+        self.base = Path(base_dir)
+        self.python = python
+        self.start_timeout = start_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log_path = self.base / "server.log"
+        self.models = self.base / "models"
+        self.output = self.base / "output"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _layout(self):
+        for d in ("custom_nodes", "models/diffusion_models", "models/text_encoders", "models/loras",
+                  "input", "output", "temp", "user"):
+            (self.base / d).mkdir(parents=True, exist_ok=True)
+        link = self.base / "custom_nodes" / "comfyui_lowbit"
+        if not link.exists():
+            link.symlink_to(PACK_DIR, target_is_directory=True)
+        (self.base / "custom_nodes" / "lowbit_test_nodes.py").write_text(TEST_PACK)
+
+    def start(self):
+        self._layout()
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base), "--disable-auto-launch",
+               "--database-url", "sqlite:///:memory:"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+        env.pop("LOWBIT_BACKEND", None)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ComfyError(f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise ComfyError(f"ComfyUI did not answer on {self.url} within {self.start_timeout}s:\n{self.log_tail()}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 10):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read() or b"null")
+
+    def post(self, path: str, body: dict, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                data = r.read()
+        except urllib.error.HTTPError as e:
+            raise ComfyError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
+        return json.loads(data) if data else None
+
+    def run(self, workflow: dict, timeout: float = 300) -> dict:
+        """Queue an API-format workflow, wait for it, raise ComfyError on any node error; the history entry."""
+        resp = self.post("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
+        if resp.get("node_errors"):
+            raise ComfyError(f"node errors: {json.dumps(resp['node_errors'])[:2000]}")
+        pid = resp["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ComfyError(f"ComfyUI died ({self.proc.returncode}) while running:\n{self.log_tail()}")
+            hist = self.get(f"/history/{pid}")
+            if hist and pid in hist:
+                entry = hist[pid]
+                status = entry.get("status", {})
+                if status.get("status_str") != "success" or not status.get("completed", False):
+                    msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+                    raise ComfyError(f"prompt failed: {json.dumps(msgs)[:3000]}\n{self.log_tail(30)}")
+                return entry
+            time.sleep(0.25)
+        raise ComfyError(f"prompt {pid} did not finish within {timeout}s:\n{self.log_tail()}")
+
+    def free(self, unload_models: bool = True):
+        self.post("/free", {"unload_models": unload_models, "free_memory": True})
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process (VmRSS)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise ComfyError("VmRSS not found")
+
+    def object_info(self, node: str) -> dict:
+        return self.get(f"/object_info/{node}")[node]
+
+
+def output_files(entry: dict, node_id: str, key: str) -> list:
+    """The `key` list of a node's UI output in a history entry."""
+    return entry.get("outputs", {}).get(node_id, {}).get(key, [])
