@@ -63,6 +63,30 @@ class LowBitLinear(nn.Module):
         """The bias of the float layer that `dequantize()` describes."""
         return None if self.bias is None else self.bias.float()
 
+    # LoRA support (quant_ops/lora.py): the 16-bit low-rank branch can be replaced at run time.
+    def branch(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(proj_down (K, r), proj_up (N, r)) of the low-rank branch, or (None, None)."""
+        return self._buffers.get("proj_down"), self._buffers.get("proj_up")
+
+    def set_branch(self, proj_down: torch.Tensor | None, proj_up: torch.Tensor | None) -> None:
+        """Install a low-rank branch (both tensors, or None for none). Formats without a branch in
+        their checkpoint (W4A16) get non-persistent buffers, so state_dict() and checkpoints are unchanged."""
+        if (proj_down is None) != (proj_up is None):
+            raise ValueError(f"{type(self).__name__}.set_branch: give both proj_down and proj_up, or neither")
+        for name, t in (("proj_down", proj_down), ("proj_up", proj_up)):
+            if name in self._buffers:
+                setattr(self, name, t)
+            else:
+                self.register_buffer(name, t, persistent=False)
+
+    def copy_to(self, device) -> "LowBitLinear":
+        """A plain lowbit module holding copies of this one's tensors on `device` (runtime branch included)."""
+        m = module_from_packed(self.packed().to(device=device))
+        down, up = self.branch()
+        if down is not None and "proj_down" not in self.FORMAT_CLS.TENSORS:
+            m.set_branch(down.to(device), up.to(device))
+        return m
+
 
 class SVDQW4A4Linear(LowBitLinear):
     FORMAT_CLS = W4A4Weights
@@ -91,14 +115,31 @@ class SVDQW4A4Linear(LowBitLinear):
 
 
 class W4A16Linear(LowBitLinear):
+    """Weight-only int4. The format has no low-rank branch; `set_branch` adds an optional runtime one
+    (non-persistent buffers proj_down / proj_up, used to carry LoRAs), computed like the other formats'
+    branch: out = x W^T + round16(x proj_down) proj_up^T in float32, then + bias."""
+
     FORMAT_CLS = W4A16Weights
 
     def forward(self, x):
-        y = kernels.w4a16_gemm(self._flat(x), self.weight, self.wscales, self.wzeros, self.bias, out_dtype=x.dtype)
+        x2 = self._flat(x)
+        down, up = self.branch()
+        if down is None:
+            y = kernels.w4a16_gemm(x2, self.weight, self.wscales, self.wzeros, self.bias, out_dtype=x.dtype)
+        else:
+            y = kernels.w4a16_gemm(x2, self.weight, self.wscales, self.wzeros, None, out_dtype=torch.float32)
+            y = y + kernels.lora_down(x2, down).float() @ up.float().t()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def dequantize(self) -> torch.Tensor:
-        return dequant_int4(self.weight, self.wscales, self.wzeros, dtype=torch.float32)
+        w = dequant_int4(self.weight, self.wscales, self.wzeros, dtype=torch.float32)
+        down, up = self.branch()
+        if down is not None:
+            w = w + up.float() @ down.float().t()
+        return w
 
 
 class TernaryLinear(LowBitLinear):
