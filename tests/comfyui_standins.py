@@ -1,0 +1,100 @@
+"""Stand-in model files for headless ComfyUI tests, built with ComfyUI's own classes (so every key and
+shape is what ComfyUI expects) and filled with seeded random weights. Needs ComfyUI importable
+(COMFYUI_PATH on sys.path, run under ComfyUI's Python).
+
+Sizes: a tiny FLUX (hidden 256, 2+2 blocks) whose text width matches a tiny T5 (d_model 128, full T5
+vocabulary so the real tokenizer's ids fit), a full-size CLIP-L (FLUX's pooled input is CLIP-L's 768,
+and ComfyUI hard-codes its config) and the FLUX VAE with a thin decoder (32 channels) and no encoder.
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+T5_CONFIG = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_size=32128,
+                 dense_act_fn="gelu_pytorch_tanh", is_gated_act=True, model_type="t5",
+                 relative_attention_num_buckets=32, layer_norm_epsilon=1e-6)
+FLUX_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=T5_CONFIG["d_model"], hidden_size=256,
+                   mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56], theta=10000,
+                   qkv_bias=True, guidance_embed=True)
+
+
+def _fill(sd: dict, seed: int, scale: float = 0.05) -> dict:
+    """Seeded random tensors for every entry: norms near 1, biases small, weights ~ 1/sqrt(fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, t in sd.items():
+        if not t.is_floating_point():
+            out[k] = t.contiguous()
+            continue
+        fan_in = max(1, t[0].numel()) if t.dim() > 1 else 1
+        v = torch.randn(t.shape, generator=g)
+        if "norm" in k or k.endswith(".scale"):
+            v = 1 + 0.1 * v if not k.endswith(".bias") else 0.02 * v
+        elif t.dim() > 1:
+            v = v / fan_in ** 0.5
+        else:
+            v = v * scale
+        out[k] = v.to(torch.bfloat16 if t.dim() > 1 else torch.float32).contiguous()
+    return out
+
+
+def flux_state_dict(seed: int = 0, guidance_embed: bool = True) -> dict:
+    """A tiny FLUX in BFL/ComfyUI names (bf16), built from ComfyUI's Flux class."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    cfg = {**FLUX_CONFIG, "guidance_embed": guidance_embed}
+    model = comfy.ldm.flux.model.Flux(image_model="flux", out_channels=cfg["in_channels"], patch_size=2,
+                                      txt_ids_dims=[], operations=comfy.ops.manual_cast, device="cpu",
+                                      dtype=torch.float32, **cfg)
+    sd = _fill(model.state_dict(), seed)
+    return {k: v.to(torch.bfloat16) for k, v in sd.items()}
+
+
+def t5_state_dict(seed: int = 1) -> dict:
+    import comfy.ops
+    import comfy.text_encoders.t5
+
+    model = comfy.text_encoders.t5.T5(dict(T5_CONFIG), torch.float32, "cpu", comfy.ops.manual_cast)
+    return {k: v.to(torch.bfloat16) for k, v in _fill(model.state_dict(), seed).items()}
+
+
+def clip_l_state_dict(seed: int = 2) -> dict:
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.sd1_clip
+
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
+        cfg = json.load(f)
+    model = comfy.clip_model.CLIPTextModel(cfg, torch.float32, "cpu", comfy.ops.manual_cast)
+    return {k: v.to(torch.float16) for k, v in _fill(model.state_dict(), seed).items()}
+
+
+def vae_state_dict(seed: int = 3) -> dict:
+    import comfy.ldm.modules.diffusionmodules.model as vae_model
+
+    decoder = vae_model.Decoder(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=32,
+                                ch_mult=[1, 2, 4, 4], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    return {f"decoder.{k}": v.to(torch.float16) for k, v in _fill(decoder.state_dict(), seed).items()}
+
+
+def lora_state_dict(flux_sd: dict, seed: int, rank: int = 4, scale: float = 0.05) -> dict:
+    """A BFL-key LoRA (`diffusion_model.<layer>.lora_A/B.weight`) on every block linear of `flux_sd`."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, w in flux_sd.items():
+        if not (k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and w.dim() == 2):
+            continue
+        layer = k[: -len(".weight")]
+        n, kk = w.shape
+        out[f"diffusion_model.{layer}.lora_A.weight"] = (torch.randn(rank, kk, generator=g) * scale).to(torch.bfloat16)
+        out[f"diffusion_model.{layer}.lora_B.weight"] = (torch.randn(n, rank, generator=g) * scale).to(torch.bfloat16)
+    return out
+
+
+def save(sd: dict, path, metadata: dict | None = None) -> str:
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return str(path)

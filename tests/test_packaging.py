@@ -1,0 +1,78 @@
+"""Registry / ComfyUI-Manager metadata, shipped files, and the README's quickstart commands."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pyproject() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def _readme_command(name: str) -> str:
+    spec = importlib.util.spec_from_file_location("readme_command", ROOT / ".ci" / "readme_command.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.command(name)
+
+
+def test_registry_metadata():
+    """What `comfy node publish` reads: [project] name/version/license/urls and [tool.comfy]."""
+    p = _pyproject()
+    project, comfy = p["project"], p["tool"]["comfy"]
+    assert project["name"] == "comfyui-lowbit"
+    assert all(part.isdigit() for part in project["version"].split("."))
+    assert project["license"] and project["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"]
+    assert "workflows" in comfy["includes"]
+    assert (ROOT / "icon.svg").is_file() and (ROOT / "LICENSE").is_file()
+
+
+def test_requirements_match_dependencies():
+    """ComfyUI-Manager installs requirements.txt into ComfyUI's venv (which has torch already)."""
+    reqs = {line.split(">")[0].split("=")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    deps = {d.split(">")[0].split("=")[0].strip() for d in _pyproject()["project"]["dependencies"]}
+    assert reqs == deps - {"torch"}
+
+
+def test_console_script_and_version():
+    from comfyui_lowbit import __version__, cli
+
+    assert _pyproject()["project"]["scripts"]["lowbit"] == "comfyui_lowbit.cli:main"
+    assert __version__ == _pyproject()["project"]["version"]
+    commands = cli._parser()._subparsers._group_actions[0].choices
+    for name in ("quantize", "inspect", "convert-nunchaku", "bench", "demo"):
+        assert name in commands, f"`lowbit {name}` is not registered"
+
+
+def test_workflows_are_ui_format():
+    files = sorted((ROOT / "workflows").glob("*.json"))
+    assert len(files) >= 5
+    for f in files:
+        wf = json.loads(f.read_text())
+        assert {"nodes", "links", "version"} <= set(wf), f"{f.name} is not a UI-format workflow"
+        ids = {n["id"] for n in wf["nodes"]}
+        for link in wf["links"]:
+            assert link[1] in ids and link[3] in ids, f"{f.name}: link {link[0]} points at a missing node"
+
+
+def test_readme_quickstart_is_what_ci_runs():
+    demo, test = _readme_command("demo"), _readme_command("test")
+    assert demo.endswith("lowbit demo") and "python3 -m venv" in demo
+    assert "pytest" in test and "python3 -m venv" in test
+    assert "readme_command.py test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_import_without_comfyui():
+    """The package and CLI import without ComfyUI; nodes are only imported inside ComfyUI."""
+    import comfyui_lowbit  # noqa: F401
+
+    assert "folder_paths" not in sys.modules or hasattr(sys.modules["folder_paths"], "get_filename_list")

@@ -1,0 +1,146 @@
+"""Every shipped UI workflow (workflows/*.json), converted to API format through ComfyUI's /object_info
+and run headless on tiny stand-in models saved under the file names the workflow expects.
+
+    COMFYUI_PATH=/work/comfyui /work/cvenv/bin/python -m pytest -q tests/test_workflows.py
+"""
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+COMFY = os.environ.get("COMFYUI_PATH")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFY, reason="COMFYUI_PATH is not set (point it at a ComfyUI 0.29.0 checkout)")]
+
+WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS = sorted(p.name for p in WORKFLOW_DIR.glob("*.json"))
+FILE_WIDGETS = {"LowBitDiffusionModelLoader": ("diffusion_models", [0]), "UNETLoader": ("diffusion_models", [0]),
+                "LowBitTextEncoderLoader": ("text_encoders", [0, 1]), "VAELoader": ("vae", [0]),
+                "LoraLoaderModelOnly": ("loras", [0])}
+# tiny stand-ins run at 64x64 and 2 steps; everything else is as shipped
+SHRINK = {"EmptySD3LatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
+
+
+def _load(name: str) -> dict:
+    with open(WORKFLOW_DIR / name) as f:
+        return json.load(f)
+
+
+def _expected_files(wf: dict) -> set:
+    return {(FILE_WIDGETS[n["type"]][0], n["widgets_values"][i]) for n in wf["nodes"] if n["type"] in FILE_WIDGETS
+            for i in FILE_WIDGETS[n["type"]][1]}
+
+
+def _write_standins(models: Path, scratch: Path):
+    import comfyui_standins as st
+    from comfyui_lowbit.quant_ops import convert
+
+    dm, te = models / "diffusion_models", models / "text_encoders"
+    dev_sd = st.flux_state_dict(seed=0)
+    dev = st.save(dev_sd, dm / "flux1-dev.safetensors")
+    schnell = st.save(st.flux_state_dict(seed=0, guidance_embed=False), scratch / "flux1-schnell.safetensors")
+    convert.quantize_file(dev, str(dm / "flux1-dev-svdq-w4a4.safetensors"), "svdq_w4a4", rank=16)
+    convert.quantize_file(schnell, str(dm / "flux1-schnell-svdq-w4a4.safetensors"), "svdq_w4a4", rank=16)
+    convert.quantize_file(dev, str(dm / "flux1-dev-ternary-r64.safetensors"), "ternary", rank=64)
+    t5 = st.save(st.t5_state_dict(), scratch / "t5xxl_tiny.safetensors")
+    convert.quantize_file(t5, str(te / "t5xxl-lowbit-w4a16.safetensors"), "w4a16")
+    st.save(st.clip_l_state_dict(), te / "clip_l.safetensors")
+    st.save(st.vae_state_dict(), models / "vae" / "ae.safetensors")
+    st.save(st.lora_state_dict(dev_sd, seed=10), models / "loras" / "style-lora.safetensors")
+    st.save(st.lora_state_dict(dev_sd, seed=11), models / "loras" / "detail-lora.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if COMFY not in sys.path:
+        sys.path.insert(0, COMFY)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    from comfyui_harness import ComfyServer
+
+    base = tmp_path_factory.mktemp("comfyui")
+    srv = ComfyServer(COMFY, base, python=sys.executable, extra_args=["--cache-classic"])
+    srv._layout()
+    (srv.models / "vae").mkdir(parents=True, exist_ok=True)
+    _write_standins(srv.models, tmp_path_factory.mktemp("scratch"))
+    with srv:
+        srv.object_info_all = srv.get("/object_info", timeout=60)
+        yield srv
+
+
+def _api(server, wf: dict) -> dict:
+    from ui_workflow import ui_to_api
+
+    prompt = ui_to_api(wf, server.object_info_all)
+    for node in prompt.values():
+        node["inputs"].update(SHRINK.get(node["class_type"], {}))
+    return prompt
+
+
+def _png_size(path: Path) -> tuple:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def _check_images(server, entry: dict, wf: dict):
+    saves = [str(n["id"]) for n in wf["nodes"] if n["type"] == "SaveImage" and n.get("mode", 0) == 0]
+    assert saves, "workflow has no SaveImage"
+    for nid in saves:
+        images = entry["outputs"].get(nid, {}).get("images", [])
+        assert len(images) == 1, f"SaveImage {nid} produced {images}"
+        img = images[0]
+        path = server.output / img["subfolder"] / img["filename"]
+        assert _png_size(path) == (64, 64)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_is_documented(name):
+    wf = _load(name)
+    notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote"))
+    assert notes, f"{name} has no Note node"
+    for folder, filename in _expected_files(wf):
+        assert f"models/{folder}/{filename}" in notes or filename in notes, \
+            f"{name}: the Note does not say where {filename} ({folder}) goes"
+
+
+def test_shipped_set():
+    assert set(WORKFLOWS) == {"flux1-dev-lowbit-w4a4.json", "flux1-schnell-lowbit-w4a4.json",
+                              "flux1-dev-lowbit-lora.json", "flux1-dev-lowbit-ternary.json",
+                              "flux1-dev-lowbit-quantize-your-own.json"}
+
+
+@pytest.mark.parametrize("name", [n for n in WORKFLOWS if "quantize" not in n])
+def test_workflow_runs(server, name):
+    wf = _load(name)
+    for folder, filename in _expected_files(wf):
+        assert (server.models / folder / filename).is_file(), f"stand-in {folder}/{filename} missing"
+    entry = server.run(_api(server, wf), timeout=600)
+    _check_images(server, entry, wf)
+
+
+def test_quantize_your_own_two_runs(server):
+    from comfyui_lowbit.quant_ops import checkpoint
+
+    wf = _load("flux1-dev-lowbit-quantize-your-own.json")
+    entry = server.run(_api(server, wf), timeout=600)  # run 1: calibrate (the quantize node ships bypassed)
+    _check_images(server, entry, wf)
+    save_id = next(str(n["id"]) for n in wf["nodes"] if n["type"] == "LowBitSaveCalibration")
+    calib = entry["outputs"][save_id]["text"][0]
+    assert (server.output / calib).is_file()
+
+    quant = next(n for n in wf["nodes"] if n["type"] == "LowBitQuantizeModel")
+    for n in wf["nodes"]:  # run 2, as the Note says: pick the file, un-bypass the quantize node
+        n["mode"] = 0 if n is quant else 2
+    quant["widgets_values"][3] = calib
+    server.run(_api(server, wf), timeout=600)
+    out = server.models / "diffusion_models" / quant["widgets_values"][4]
+    info = checkpoint.read_info(str(out))
+    assert info.model == "flux" and info.format_counts()["svdq_w4a4"] == 2 * 6 + 2 * 2
+    with pytest.raises(Exception, match="exists"):  # queued again: never overwrites
+        server.run(_api(server, wf), timeout=120)
