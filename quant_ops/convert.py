@@ -1,0 +1,227 @@
+"""16-bit FLUX / T5 safetensors -> lowbit checkpoint, one layer at a time.
+
+Tensors are read lazily (the input is reopened per layer, so its pages are not kept mapped), quantized and
+kept; peak memory is about the output size plus one layer in float32. The output is written to a temp file
+and renamed (checkpoint.save_checkpoint): on any error the destination is untouched.
+"""
+import json
+import logging
+import os
+import time
+
+import torch
+from safetensors import safe_open
+
+from . import QUANT_FORMATS, flux, quantize_weight, t5
+from .checkpoint import save_checkpoint
+
+log = logging.getLogger("comfyui_lowbit")
+
+DTYPE = torch.bfloat16
+DEFAULT_RANK = {"svdq_w4a4": 32, "ternary": 64, "w4a16": 0}
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+# ComfyUI "scaled fp8" files: per-tensor `<L>.scale_weight` multiplies `<L>.weight`; these keys are consumed
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_IGNORED = ("scaled_fp8",)
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+class _Source:
+    """Lazy access to the input file: shapes from the header, tensors read on demand."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        self.path = path
+        with _open(path) as f:
+            self.keys = list(f.keys())
+            self.shapes = {}
+            for k in self.keys:
+                try:
+                    self.shapes[k] = tuple(f.get_slice(k).get_shape())
+                except Exception as e:
+                    raise ValueError(f"{path}: tensor {k}: unreadable header entry ({e})") from None
+
+    def read(self, f, key: str) -> torch.Tensor:
+        try:
+            t = f.get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"{self.path}: tensor {key}: cannot read data ({e}); the file may be truncated") from None
+        if not t.is_floating_point():
+            raise ValueError(f"{self.path}: tensor {key} has dtype {t.dtype}, expected a float type")
+        t = t.float()
+        if key.endswith(".weight"):
+            for suffix in _SCALE_SUFFIXES:
+                sk = key[: -len(".weight")] + suffix
+                if sk in self.shapes:
+                    t = t * f.get_tensor(sk).float()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{self.path}: tensor {key} contains inf or NaN")
+        return t
+
+
+def _plan(src: _Source):
+    """(model, plan {out name: ([source keys], swap)}, config, fmt_of(layer, fmt))."""
+    keys = [k for k in src.keys if not k.endswith(_SCALE_SUFFIXES + (".scale_input", ".input_scale")) and k not in _IGNORED]
+    fp = flux.strip_prefix(keys)
+    fkeys = [k[len(fp):] for k in keys if k.startswith(fp)]
+    kind = flux.naming(fkeys)
+    if kind is not None:
+        if fp and len(fkeys) < len(keys):
+            log.warning("%s: ignoring %d tensors outside %r (VAE / text encoders of a full checkpoint)",
+                        src.path, len(keys) - len(fkeys), fp)
+        plan = flux.bfl_plan(fkeys) if kind == "bfl" else flux.diffusers_plan(fkeys)
+        plan = {k: ([fp + s for s in srcs], swap) for k, (srcs, swap) in plan.items()}
+        shapes = _out_shapes(src, plan)
+        config = flux.infer_config(shapes)
+        _check_shapes(src.path, shapes, flux.expected_shapes(config), ())
+        return "flux", plan, config, flux.layer_format
+    tp = t5.strip_prefix(keys)
+    tkeys = [k[len(tp):] for k in keys if k.startswith(tp)]
+    if t5.is_t5(tkeys):
+        plan = {k: ([tp + k], False) for k in tkeys}
+        shapes = _out_shapes(src, plan)
+        config = t5.infer_config(shapes)
+        _check_shapes(src.path, shapes, t5.expected_shapes(config), t5.OPTIONAL_KEYS)
+        return "t5", plan, config, lambda name, fmt: t5.layer_format(name)
+    raise ValueError(f"{src.path}: neither a FLUX transformer (BFL keys {flux.DETECT_KEYS} or diffusers keys "
+                     f"{flux.DIFFUSERS_DETECT_KEYS}) nor a T5 encoder (keys {t5.DETECT_KEYS}); "
+                     f"found e.g. {sorted(keys)[:3]}")
+
+
+def _out_shapes(src: _Source, plan: dict) -> dict:
+    out = {}
+    for name, (srcs, _) in plan.items():
+        shapes = [src.shapes[s] for s in srcs]
+        if any(s[1:] != shapes[0][1:] for s in shapes):
+            raise ValueError(f"{src.path}: {name}: cannot fuse {srcs} with shapes {shapes}")
+        out[name] = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:]) if shapes[0] else ()
+    return out
+
+
+def _check_shapes(path: str, have: dict, expected: dict, optional) -> None:
+    missing = sorted(set(expected) - set(have))
+    if missing:
+        raise ValueError(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    extra = sorted(set(have) - set(expected) - set(optional))
+    if extra:
+        raise ValueError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all)")
+    for k, s in expected.items():
+        if tuple(have[k]) != tuple(s):
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(have[k])}, expected {tuple(s)} "
+                             f"for the model inferred from img_in / shared / block shapes")
+
+
+def _units(plan: dict) -> list:
+    """Output tensors grouped by layer (name without the last component), in file order."""
+    units = {}
+    for name in plan:
+        layer, _, end = name.rpartition(".")
+        units.setdefault(layer, {})[end] = name
+    return list(units.items())
+
+
+class _Calib:
+    def __init__(self, path: str | None):
+        self.path, self.keys, self.missing = path, set(), []
+        if path is None:
+            return
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: calibration file not found")
+        with _open(path) as f:
+            meta = f.metadata() or {}
+            self.keys = set(f.keys())
+        if "lowbit.calib_version" not in meta:
+            raise ValueError(f"{path}: not a lowbit calibration file (no 'lowbit.calib_version' metadata)")
+
+    def absmax(self, layer: str, k: int):
+        key = f"{layer}.input_absmax"
+        if self.path is None:
+            return None
+        if key not in self.keys:
+            self.missing.append(layer)
+            return None
+        with _open(self.path) as f:
+            a = f.get_tensor(key).float().reshape(-1)
+        if a.numel() != k:
+            raise ValueError(f"{self.path}: {key} has {a.numel()} channels, expected {k} (in_features of {layer})")
+        return a
+
+
+def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False, device="cpu",
+                  group_size=64) -> dict:
+    """Quantize the FLUX transformer or T5 encoder in `src` into a lowbit checkpoint at `dst`.
+
+    fmt: block format for FLUX ("svdq_w4a4", "ternary" or "w4a16"; modulation layers are always w4a16);
+    T5 is always w4a16. calib: calibration statistics file (data-free when None; layers it lacks are
+    quantized data-free, with one warning). progress(done, total) is called after every layer.
+    Returns a summary dict (sizes in bytes, seconds).
+    """
+    t0 = time.time()
+    src, dst = str(src), str(dst)
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"format must be one of {QUANT_FORMATS}, got {fmt!r}")
+    if group_size not in (64, 128):
+        raise ValueError(f"group size must be 64 or 128, got {group_size}")
+    if os.path.exists(dst) and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError(f"{dst}: output would overwrite the input")
+    source = _Source(src)
+    model, plan, config, fmt_of = _plan(source)
+    if model == "t5" and fmt != t5.FORMAT:
+        log.warning("%s: T5 encoders are quantized weight-only (w4a16), not %s", src, fmt)
+    calib_stats = _Calib(calib)
+    units = _units(plan)
+    out, layers = {}, {}
+    for done, (layer, parts) in enumerate(units, 1):
+        with _open(src) as f:
+            tensors = {end: _fetch(source, f, *plan[name]) for end, name in parts.items()}
+        lfmt = fmt_of(layer, fmt) if "weight" in tensors and tensors["weight"].dim() == 2 else None
+        if lfmt is not None:
+            w, b = tensors.pop("weight"), tensors.pop("bias", None)
+            if tensors:
+                raise ValueError(f"{src}: layer {layer}: unexpected tensors {sorted(tensors)} next to its weight")
+            try:
+                opts = {"group_size": group_size} if lfmt == "w4a16" else flux.layer_options(layer, lfmt)
+                absmax = None if lfmt == "w4a16" else calib_stats.absmax(layer, w.shape[1])
+                packed = quantize_weight(w, b, lfmt, rank, absmax, dtype=DTYPE, device=device, **opts)
+            except ValueError as e:
+                raise ValueError(f"{src}: layer {layer}: {e}") from None
+            packed = packed.to("cpu")
+            out.update({f"{layer}.{k}": v for k, v in packed.tensors().items()})
+            layers[layer] = packed.config()
+        else:
+            out.update({parts[end]: t.to(DTYPE) for end, t in tensors.items()})
+        del tensors
+        if progress is not None:
+            progress(done, len(units))
+    if calib_stats.missing:
+        log.warning("%s: no statistics for %d of the quantized layers (e.g. %s); those were quantized data-free",
+                    calib, len(calib_stats.missing), calib_stats.missing[0])
+    args = {"format": fmt, "rank": rank, "group_size": group_size, "calib": os.path.basename(calib) if calib else None}
+    save_checkpoint(dst, out, layers, model, config, force=force,
+                    extra_meta={"lowbit.source": os.path.basename(src), "lowbit.args": json.dumps(args)})
+    counts = {}
+    for cfg in layers.values():
+        counts[cfg["format"]] = counts.get(cfg["format"], 0) + 1
+    in_bytes, out_bytes = os.path.getsize(src), os.path.getsize(dst)
+    return {"src": src, "dst": dst, "model": model, "config": config, "layer_counts": counts,
+            "input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": in_bytes / max(out_bytes, 1),
+            "seconds": time.time() - t0, "calib_missing": list(calib_stats.missing)}
+
+
+def _fetch(source: _Source, f, srcs, swap) -> torch.Tensor:
+    parts = [source.read(f, s) for s in srcs]
+    t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if swap:  # diffusers' final norm is (scale, shift); BFL's final_layer.adaLN_modulation.1 is (shift, scale)
+        scale, shift = t.chunk(2, dim=0)
+        t = torch.cat([shift, scale], dim=0)
+    return t

@@ -1,0 +1,152 @@
+"""Seeded tiny FLUX / T5 state dicts and files for tests (no ComfyUI needed).
+
+TINY_FLUX_CONFIG keeps head dim 128 (ComfyUI derives num_heads = hidden // 128) and a text width equal to
+the tiny T5's d_model, so the two work together in ComfyUI (T5 through model_options["t5xxl_model_config"]).
+img_in reads 64 channels (16 latent channels x 2x2 patches) as in real FLUX. Weights are heavy-tailed
+(Student-t) with a few outlier input channels, like real transformer weights.
+"""
+import os
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+from comfyui_lowbit.quant_ops import flux
+
+TINY_T5_CONFIG = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_size=32128,
+                      dense_act_fn="gelu_pytorch_tanh", is_gated_act=True, model_type="t5",
+                      relative_attention_num_buckets=32, layer_norm_epsilon=1e-6)
+TINY_FLUX_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=TINY_T5_CONFIG["d_model"],
+                        hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                        axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True)
+OUTLIER_COLUMNS = 3
+
+
+def _value(name: str, shape, g: torch.Generator) -> torch.Tensor:
+    if name.endswith(".scale") or "norm" in name and name.endswith(".weight") and len(shape) == 1:
+        return 1 + 0.1 * torch.randn(shape, generator=g)
+    if len(shape) == 1:
+        return 0.02 * torch.randn(shape, generator=g)
+    n, k = shape
+    z = torch.randn(n, k, generator=g)
+    chi2 = sum(torch.randn(n, k, generator=g) ** 2 for _ in range(3)) / 3
+    w = z / chi2.sqrt() / k ** 0.5
+    cols = torch.randperm(k, generator=g)[:OUTLIER_COLUMNS]
+    w[:, cols] *= 8.0
+    return w
+
+
+def tiny_flux_state_dict(seed=0, naming="bfl", dtype=torch.bfloat16, prefix="", config=None, **overrides) -> dict:
+    """A tiny FLUX transformer. naming: "bfl" (ComfyUI/BFL keys) or "diffusers" (FluxTransformer2DModel);
+    `prefix` is prepended to every key (e.g. "model.diffusion_model."); overrides change TINY_FLUX_CONFIG
+    (e.g. guidance_embed=False for a schnell-like model)."""
+    cfg = {**TINY_FLUX_CONFIG, **(config or {}), **overrides}
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: _value(k, s, g).to(dtype) for k, s in sorted(flux.expected_shapes(cfg).items())}
+    if naming == "diffusers":
+        sd = bfl_to_diffusers(sd)
+    elif naming != "bfl":
+        raise ValueError(f"naming must be 'bfl' or 'diffusers', got {naming!r}")
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def bfl_to_diffusers(sd: dict) -> dict:
+    """Split a BFL state dict into diffusers names (the inverse of flux.diffusers_plan)."""
+    plan = flux.diffusers_plan(_diffusers_keys(sd))
+    out = {}
+    for bfl, (srcs, swap) in plan.items():
+        t = sd[bfl]
+        if swap:
+            shift, scale = t.chunk(2, dim=0)
+            t = torch.cat([scale, shift], dim=0)
+        h = sd["img_in.weight"].shape[0]
+        sizes = [h] * len(srcs)
+        if len(srcs) == 4:  # single block linear1: q, k, v, proj_mlp
+            sizes[-1] = t.shape[0] - 3 * h
+        for name, part in zip(srcs, t.split(sizes, dim=0) if len(srcs) > 1 else [t]):
+            out[name] = part.clone()
+    return out
+
+
+def _diffusers_keys(sd: dict) -> list:
+    """The diffusers key names a BFL state dict maps to (needed to build the plan before splitting)."""
+    keys = []
+    inv_top = {**flux._TOP, flux.FINAL_MOD[0]: flux.FINAL_MOD[1]}
+    for k in sd:
+        layer, _, end = k.rpartition(".")
+        if layer in inv_top:
+            keys.append(f"{inv_top[layer]}.{end}")
+            continue
+        parts = layer.split(".")
+        kind, i, rest = parts[0], parts[1], ".".join(parts[2:])
+        if kind == "double_blocks":
+            src, lin, norms = f"transformer_blocks.{i}", flux._DOUBLE, flux._DOUBLE_NORMS
+        else:
+            src, lin, norms = f"single_transformer_blocks.{i}", flux._SINGLE, flux._SINGLE_NORMS
+        if rest in lin:
+            keys += [f"{src}.{s}.{end}" for s in lin[rest]]
+        else:
+            keys.append(f"{src}.{norms[rest]}.weight")
+    return keys
+
+
+def tiny_t5_state_dict(seed=0, dtype=torch.bfloat16, config=None) -> dict:
+    """A tiny T5 encoder with ComfyUI's T5 key names (gated GELU, relative bias in block 0)."""
+    c = {**TINY_T5_CONFIG, **(config or {})}
+    d, inner, ff = c["d_model"], c["d_kv"] * c["num_heads"], c["d_ff"]
+    shapes = {"shared.weight": (c["vocab_size"], d), "encoder.final_layer_norm.weight": (d,),
+              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+                  (c["relative_attention_num_buckets"], c["num_heads"])}
+    for i in range(c["num_layers"]):
+        p = f"encoder.block.{i}.layer"
+        for n in "qkv":
+            shapes[f"{p}.0.SelfAttention.{n}.weight"] = (inner, d)
+        shapes[f"{p}.0.SelfAttention.o.weight"] = (d, inner)
+        shapes[f"{p}.0.layer_norm.weight"] = (d,)
+        for n in ("wi_0", "wi_1") if c["is_gated_act"] else ("wi",):
+            shapes[f"{p}.1.DenseReluDense.{n}.weight"] = (ff, d)
+        shapes[f"{p}.1.DenseReluDense.wo.weight"] = (d, ff)
+        shapes[f"{p}.1.layer_norm.weight"] = (d,)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, s in sorted(shapes.items()):
+        if k in ("shared.weight",) or "relative_attention_bias" in k:
+            sd[k] = torch.randn(s, generator=g).to(dtype)
+        else:
+            sd[k] = _value(k, s, g).to(dtype)
+    return sd
+
+
+def _save(sd: dict, path, metadata=None) -> str:
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=metadata)
+    return path
+
+
+def write_tiny_flux(path, seed=0, naming="bfl", dtype=torch.bfloat16, prefix="", **overrides) -> str:
+    """A 16-bit tiny FLUX safetensors file at `path`."""
+    return _save(tiny_flux_state_dict(seed, naming, dtype, prefix, **overrides), path)
+
+
+def write_tiny_t5(path, seed=0, dtype=torch.bfloat16) -> str:
+    return _save(tiny_t5_state_dict(seed, dtype), path)
+
+
+def write_tiny_lowbit_flux(path, fmt="svdq_w4a4", rank=16, seed=0, **overrides) -> str:
+    """A lowbit tiny FLUX checkpoint at `path`, quantized through quant_ops.convert.quantize_file."""
+    from comfyui_lowbit.quant_ops import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_tiny_flux(os.path.join(tmp, "tiny_flux.safetensors"), seed=seed, **overrides)
+        convert.quantize_file(src, str(path), fmt, rank=rank, force=True)
+    return str(path)
+
+
+def write_tiny_lowbit_t5(path, seed=0, group_size=64) -> str:
+    from comfyui_lowbit.quant_ops import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_tiny_t5(os.path.join(tmp, "tiny_t5.safetensors"), seed=seed)
+        convert.quantize_file(src, str(path), "w4a16", force=True, group_size=group_size)
+    return str(path)
