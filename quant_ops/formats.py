@@ -86,7 +86,9 @@ class W4A4Weights(_Packed):
 
     weight uint8 (N, K/2) int4 residual; wscales (K/64, N) 16-bit; smooth (K,); proj_down (K, r);
     proj_up (N, r); bias (N,). act_unsigned: input is shifted by +0.171875 and quantized unsigned
-    (post-GELU), the residual's share of the shift already folded into bias.
+    (post-GELU), the residual's share of the shift already folded into bias. act_unsigned_from: with
+    act_unsigned, only input channels k >= act_unsigned_from (a multiple of 64) are shifted and unsigned,
+    the ones before stay signed (Nunchaku's single-block linear2: attention output, then GELU output).
     """
 
     weight: torch.Tensor
@@ -96,6 +98,7 @@ class W4A4Weights(_Packed):
     proj_up: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     act_unsigned: bool = False
+    act_unsigned_from: int = 0
 
     FORMAT = "svdq_w4a4"
     TENSORS = ("weight", "wscales", "smooth", "proj_down", "proj_up", "bias")
@@ -118,8 +121,8 @@ class W4A4Weights(_Packed):
         return self.wscales.dtype
 
     @classmethod
-    def pack(cls, q, wscales, smooth, proj_down=None, proj_up=None, bias=None, act_unsigned=False):
-        obj = cls(pack_int4(q), wscales, smooth, proj_down, proj_up, bias, act_unsigned)
+    def pack(cls, q, wscales, smooth, proj_down=None, proj_up=None, bias=None, act_unsigned=False, act_unsigned_from=0):
+        obj = cls(pack_int4(q), wscales, smooth, proj_down, proj_up, bias, act_unsigned, act_unsigned_from)
         obj.validate()
         return obj
 
@@ -136,6 +139,9 @@ class W4A4Weights(_Packed):
         _expect(self.smooth.shape == (k,) and self.smooth.dtype == self.dtype, layer, "smooth", f"({k},) {self.dtype}", _desc(self.smooth))
         _check_lowrank(layer, self.proj_down, self.proj_up, n, k)
         _check_bias(layer, self.bias, n, self.dtype)
+        u = self.act_unsigned_from
+        _expect(u == 0 or (self.act_unsigned and 0 < u < k and u % GROUP_SIZE == 0), layer, "act_unsigned_from",
+                f"0, or with act_unsigned a multiple of {GROUP_SIZE} below K = {k}", u)
 
 
 @dataclass

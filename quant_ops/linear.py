@@ -93,9 +93,18 @@ class SVDQW4A4Linear(LowBitLinear):
 
     def forward(self, x):
         x2 = self._flat(x)
-        q, s, lr = kernels.quantize_act_int4(x2, self.smooth, self.proj_down, unsigned=self._options["act_unsigned"])
+        q, s, lr = self._quantize(x2)
         y = kernels.w4a4_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _quantize(self, x2):
+        u = self._options.get("act_unsigned_from", 0)
+        if not u:
+            return kernels.quantize_act_int4(x2, self.smooth, self.proj_down, unsigned=self._options["act_unsigned"])
+        # signed channels [0, u), unsigned shifted channels [u, K): groups never straddle u
+        qa, sa, _ = kernels.quantize_act_int4(x2[:, :u].contiguous(), self.smooth[:u])
+        qb, sb, _ = kernels.quantize_act_int4(x2[:, u:].contiguous(), self.smooth[u:], unsigned=True)
+        return torch.cat([qa, qb], dim=1), torch.cat([sa, sb], dim=1), kernels.lora_down(x2, self.proj_down)
 
     def _residual(self) -> torch.Tensor:
         return dequant_int4(self.weight, self.wscales, dtype=torch.float32) / self.smooth.float()
@@ -110,7 +119,7 @@ class SVDQW4A4Linear(LowBitLinear):
     def float_bias(self):
         if not self._options["act_unsigned"]:
             return super().float_bias()
-        comp = ACT_SHIFT * self._residual().sum(dim=1)
+        comp = ACT_SHIFT * self._residual()[:, self._options.get("act_unsigned_from", 0):].sum(dim=1)
         return comp if self.bias is None else self.bias.float() + comp
 
 
