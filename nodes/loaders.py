@@ -30,14 +30,19 @@ def _wrap_patcher(model_patcher):
 
 
 def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, disable_dynamic: bool = False):
-    """A ComfyUI ModelPatcher for a lowbit FLUX checkpoint at `path`."""
-    from ..quant_ops import checkpoint
+    """A ComfyUI ModelPatcher for a lowbit FLUX checkpoint (or a Nunchaku INT4 FLUX file) at `path`."""
+    from ..quant_ops import checkpoint, nunchaku
 
-    info = checkpoint.read_info(path)
-    if info.model != "flux":
+    try:
+        info = checkpoint.read_info(path)
+    except checkpoint.NotALowbitCheckpoint:
+        if not nunchaku.is_nunchaku(path):
+            raise
+        info = None  # a Nunchaku INT4 FLUX file: converted in memory below
+    if info is not None and info.model != "flux":
         raise ValueError(f"{path}: a lowbit {info.model!r} checkpoint, expected a FLUX diffusion model "
                          f"(lowbit.model = 'flux'); load text encoders with 'Load LowBit Text Encoders (FLUX)'")
-    sd, info = checkpoint.load_checkpoint(path)
+    sd, info = checkpoint.load_checkpoint(path) if info is not None else nunchaku.load_nunchaku(path)
     options = {"custom_operations": make_ops(info.layers, dtype, source=path)}
     if dtype is not None:
         options["dtype"] = dtype
