@@ -20,6 +20,7 @@ import torch
 
 from .linear import LowBitLinear
 
+RANK_MULTIPLE = 16  # branches with LoRAs are zero-padded to a multiple of this (the kernels' rank tile)
 _ORIG = "_lowbit_lora_originals"  # module attribute: {"proj_down", "proj_up", "bias"} before any LoRA
 
 
@@ -65,10 +66,11 @@ def check_factor(f: LoraFactor, out_features: int, in_features: int, layer: str 
 
 
 def compose_branch(proj_down, proj_up, factors, out_features: int, in_features: int, dtype=None, device=None,
-                   layer: str = "layer"):
+                   layer: str = "layer", rank_multiple: int = 1):
     """(proj_down', proj_up') = the branch with every factor's columns appended; new tensors, inputs untouched.
 
-    proj_down / proj_up may be None (no branch yet). dtype / device default to the branch's.
+    proj_down / proj_up may be None (no branch yet). dtype / device default to the branch's. The total
+    rank is padded with zero columns up to a multiple of `rank_multiple` (exact: zeros add nothing).
     """
     factors = list(factors)
     for f in factors:
@@ -91,6 +93,10 @@ def compose_branch(proj_down, proj_up, factors, out_features: int, in_features: 
         ups.append(up)
     if not downs:
         return None, None
+    pad = -sum(d.shape[1] for d in downs) % rank_multiple
+    if pad and factors:
+        downs.append(torch.zeros(in_features, pad, dtype=dtype, device=device))
+        ups.append(torch.zeros(out_features, pad, dtype=dtype, device=device))
     return torch.cat(downs, dim=1), torch.cat(ups, dim=1)
 
 
@@ -120,7 +126,8 @@ def apply_lora(module: LowBitLinear, factors, bias_delta: torch.Tensor | None = 
     down0, up0 = orig["proj_down"], orig["proj_up"]
     if down0 is not None and down0.device != device:  # the module moved since the originals were taken
         down0, up0 = down0.to(device), up0.to(device)
-    down, up = compose_branch(down0, up0, factors, n, k, dtype=dtype if down0 is None else None, device=device, layer=layer)
+    down, up = compose_branch(down0, up0, factors, n, k, dtype=dtype if down0 is None else None, device=device, layer=layer,
+                              rank_multiple=RANK_MULTIPLE)
     bias = orig["bias"]
     if bias_delta is not None:
         if bias_delta.shape != (n,):

@@ -137,7 +137,8 @@ def test_offsets_into_fused_layers(layers, name, slices):
           for i, (s, n) in enumerate(slices)]
     apply_lora(m, fs, layer=name)
     try:
-        assert m.branch()[0].shape[1] == 16 + sum(4 + i for i in range(len(slices)))
+        r = 16 + sum(4 + i for i in range(len(slices)))
+        assert m.branch()[0].shape[1] == -(-r // 16) * 16  # zero-padded to the kernels' rank multiple
         _check(m, fs, x, base_out, w0, b0)
         # rows outside a slice get nothing from that slice's LoRA
         up = m.branch()[1]
@@ -173,12 +174,12 @@ def test_stack_restrength_remove_one(layers):
 
     both = [_lora(**l1, strength=1.0), _lora(**l2, strength=0.7)]
     apply_lora(m, both)
-    assert m.branch()[0].shape == (m.in_features, 16 + 8 + 16)
+    assert m.branch()[0].shape == (m.in_features, 48)  # 16 + 8 + 16, zero-padded to a multiple of 16
     _check(m, both, x, base_out, w0, b0)
 
     changed = [_lora(**l1, strength=-1.5), _lora(**l2, strength=0.7)]  # negative strength works
     apply_lora(m, changed)
-    assert m.branch()[0].shape == (m.in_features, 16 + 8 + 16)  # recomposed from the originals, not stacked again
+    assert m.branch()[0].shape == (m.in_features, 48)  # recomposed from the originals, not stacked again
     _check(m, changed, x, base_out, w0, b0)
 
     only2 = [_lora(**l2, strength=0.7)]
