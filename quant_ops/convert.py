@@ -156,12 +156,13 @@ class _Calib:
 
 
 def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False, device="cpu",
-                  group_size=64) -> dict:
+                  group_size=64, options=None) -> dict:
     """Quantize the FLUX transformer or T5 encoder in `src` into a lowbit checkpoint at `dst`.
 
     fmt: block format for FLUX ("svdq_w4a4", "ternary" or "w4a16"; modulation layers are always w4a16);
     T5 is always w4a16. calib: calibration statistics file (data-free when None; layers it lacks are
     quantized data-free, with one warning). progress(done, total) is called after every layer.
+    options: extra quantizer options for the svdq_w4a4 / ternary layers (e.g. {"iters": 3}).
     Returns a summary dict (sizes in bytes, seconds).
     """
     t0 = time.time()
@@ -190,7 +191,8 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
             if tensors:
                 raise ValueError(f"{src}: layer {layer}: unexpected tensors {sorted(tensors)} next to its weight")
             try:
-                opts = {"group_size": group_size} if lfmt == "w4a16" else flux.layer_options(layer, lfmt)
+                opts = {"group_size": group_size} if lfmt == "w4a16" else \
+                    {**(options or {}), **flux.layer_options(layer, lfmt)}
                 absmax = None if lfmt == "w4a16" else calib_stats.absmax(layer, w.shape[1])
                 packed = quantize_weight(w, b, lfmt, rank, absmax, dtype=DTYPE, device=device, **opts)
             except ValueError as e:

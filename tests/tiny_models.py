@@ -5,6 +5,7 @@ the tiny T5's d_model, so the two work together in ComfyUI (T5 through model_opt
 img_in reads 64 channels (16 latent channels x 2x2 patches) as in real FLUX. Weights are heavy-tailed
 (Student-t) with a few outlier input channels, like real transformer weights.
 """
+import contextlib
 import os
 import tempfile
 
@@ -32,7 +33,7 @@ def _value(name: str, shape, g: torch.Generator) -> torch.Tensor:
     chi2 = sum(torch.randn(n, k, generator=g) ** 2 for _ in range(3)) / 3
     w = z / chi2.sqrt() / k ** 0.5
     cols = torch.randperm(k, generator=g)[:OUTLIER_COLUMNS]
-    w[:, cols] *= 8.0
+    w[:, cols] *= 4.0
     return w
 
 
@@ -133,13 +134,28 @@ def write_tiny_t5(path, seed=0, dtype=torch.bfloat16) -> str:
     return _save(tiny_t5_state_dict(seed, dtype), path)
 
 
-def write_tiny_lowbit_flux(path, fmt="svdq_w4a4", rank=16, seed=0, **overrides) -> str:
-    """A lowbit tiny FLUX checkpoint at `path`, quantized through quant_ops.convert.quantize_file."""
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread: on a small shared CPU, multi-threaded SVDs of tiny matrices spin and run ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+FAST = {"iters": 3}  # few low-rank refinement steps: seconds instead of a minute on a busy CPU
+
+
+def write_tiny_lowbit_flux(path, fmt="svdq_w4a4", rank=16, seed=0, calib=None, options=FAST, **overrides) -> str:
+    """A lowbit tiny FLUX checkpoint at `path`, quantized through quant_ops.convert.quantize_file
+    (options=None for the quantizers' full defaults)."""
     from comfyui_lowbit.quant_ops import convert
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, one_thread():
         src = write_tiny_flux(os.path.join(tmp, "tiny_flux.safetensors"), seed=seed, **overrides)
-        convert.quantize_file(src, str(path), fmt, rank=rank, force=True)
+        convert.quantize_file(src, str(path), fmt, rank=rank, calib=calib, force=True, options=options)
     return str(path)
 
 

@@ -1,0 +1,94 @@
+"""`lowbit quantize` (16-bit FLUX / T5 -> lowbit checkpoint) and `lowbit inspect` (what a checkpoint holds)."""
+import logging
+import os
+import sys
+
+from . import QUANT_FORMATS
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize a FLUX transformer or T5 encoder safetensors file",
+                       description="Quantize a 16-bit (or fp8) FLUX transformer (BFL/ComfyUI or diffusers names) "
+                                   "or T5-XXL encoder into a lowbit checkpoint.")
+    q.add_argument("input", help="input .safetensors (FLUX transformer or T5 encoder)")
+    q.add_argument("output", help="output .safetensors (lowbit checkpoint)")
+    q.add_argument("--format", required=True, choices=QUANT_FORMATS,
+                   help="block format for FLUX: svdq_w4a4 (4-bit weights and activations + low-rank branch), "
+                        "ternary (1.58-bit weights + low-rank branch) or w4a16 (4-bit weights only); "
+                        "modulation layers are always w4a16; T5 is always w4a16")
+    q.add_argument("--rank", type=int, default=None,
+                   help="low-rank branch rank (default: 32 for svdq_w4a4, 64 for ternary)")
+    q.add_argument("--calib", metavar="STATS", default=None,
+                   help="calibration statistics file (from the LowBit calibration node); data-free without it")
+    q.add_argument("--device", default="cpu", help="device to quantize on: cpu or cuda (default cpu)")
+    q.add_argument("--group-size", type=int, choices=(64, 128), default=64,
+                   help="group size of the w4a16 layers (default 64)")
+    q.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    q.set_defaults(run=run_quantize)
+
+    i = sub.add_parser("inspect", help="show what a lowbit checkpoint holds",
+                       description="Format version, quantized layers per format, parameter count and sizes.")
+    i.add_argument("file", help="lowbit .safetensors checkpoint")
+    i.set_defaults(run=run_inspect)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def run_quantize(args) -> int:
+    from tqdm import tqdm
+
+    from .convert import DEFAULT_RANK, quantize_file
+
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    rank = DEFAULT_RANK[args.format] if args.rank is None else args.rank
+    if rank < 0:
+        raise ValueError(f"--rank must be >= 0, got {rank}")
+    logging.basicConfig(format="lowbit quantize: warning: %(message)s", level=logging.WARNING)
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="layer", desc=os.path.basename(args.output), file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        s = quantize_file(args.input, args.output, args.format, rank=rank, calib=args.calib, progress=progress,
+                          force=args.force, device=args.device, group_size=args.group_size)
+    finally:
+        if bar is not None:
+            bar.close()
+    counts = ", ".join(f"{n} {f}" for f, n in sorted(s["layer_counts"].items()))
+    print(f"{s['dst']}: {s['model']} ({counts} layers); input {_gb(s['input_bytes'])}, output "
+          f"{_gb(s['output_bytes'])}, {s['ratio']:.2f}x smaller; {s['seconds']:.1f} s")
+    return 0
+
+
+def run_inspect(args) -> int:
+    from .checkpoint import bf16_bytes, load_checkpoint, parameter_count, read_info
+
+    info = read_info(args.file)  # NotALowbitCheckpoint (a ValueError) -> one line, exit 1
+    sd, info = load_checkpoint(args.file)
+    size, bf16 = os.path.getsize(args.file), bf16_bytes(sd, info)
+    print(f"file:            {args.file}")
+    print(f"lowbit format:   version {info.format_version}, model {info.model}")
+    for fmt, n in sorted(info.format_counts().items()):
+        print(f"  {fmt:<14} {n} layers")
+    n16 = len({k.rpartition('.')[0] for k in sd} - set(info.layers))
+    print(f"  {'16-bit':<14} {n16} layers/tensor groups")
+    print(f"parameters:      {parameter_count(sd, info) / 1e6:.2f} M")
+    print(f"size on disk:    {_gb(size)}")
+    print(f"BF16 copy:       {_gb(bf16)} ({bf16 / max(size, 1):.2f}x the size on disk)")
+    if info.config:
+        keys = ("hidden_size", "depth", "depth_single_blocks", "guidance_embed") if info.model == "flux" else \
+            ("d_model", "num_layers", "num_heads", "d_ff")
+        print("config:          " + ", ".join(f"{k}={info.config[k]}" for k in keys if k in info.config))
+    for k in ("lowbit.source", "lowbit.args"):
+        if k in info.metadata:
+            print(f"{k[7:]:<8}         {info.metadata[k]}")
+    return 0
