@@ -1,11 +1,180 @@
-"""LoRA support for lowbit models in ComfyUI.
+"""LoRA support for lowbit models in ComfyUI's standard LoRA loaders.
 
-`wrap_patcher(model_patcher)` is called on every MODEL the lowbit loader returns.
-It makes ComfyUI's standard LoRA loaders route LoRA factors on quantized layers into
-their 16-bit low-rank branch instead of merging them into the packed weight.
-(Placeholder: currently returns the patcher unchanged.)
+`wrap_patcher(model_patcher)` is called on every MODEL the lowbit loader returns. It switches the
+patcher's class to a subclass of its own class (ModelPatcher or ModelPatcherDynamic) that routes
+LoRA patches on quantized layers into their 16-bit low-rank branch (quant_ops/lora.py) instead of
+merging them into the packed weight; 16-bit layers keep ComfyUI's usual merge.
+
+How it fits ComfyUI's patcher:
+- LoraLoader -> comfy.sd.load_lora_for_models maps keys with `model.state_dict()` (quantized layers
+  keep their packed weight under `<layer>.weight`, so every format ComfyUI knows maps: BFL, kohya,
+  diffusers / PEFT with q/k/v offsets into img_attn.qkv / linear1) and stores the patches per key.
+- Quantized layers hold buffers, not parameters, so ComfyUI's load never merges into them (it only
+  walks parameters). Each `load` (both patchers; ModelPatcherDynamic casts all buffers to the device
+  inside load) first puts the original branches back, then sets each quantized layer's branch to
+  original + its LoRAs. A new strength or a removed LoRA recomposes only the small branch from the
+  kept originals; packed weights are never reloaded, copied or cast.
+- `patch_weight_to_device` (ComfyUI calls it for forced patching, small-module force loads and
+  lazy saving) never casts or merges a quantized layer's tensors; `unpatch_model` puts back the exact
+  original branch / bias tensors. Clones (also `clone(disable_dynamic=True)`) keep the behaviour.
+Not routed (skipped with one warning line): DoRA, LoCon mid, LoHa / LoKr / full diffs and hook
+(scheduled) LoRAs on quantized layers; they still apply to 16-bit layers.
 """
+import logging
+
+import comfy.model_patcher
+import comfy.weight_adapter
+
+from ..quant_ops.linear import LowBitLinear
+from ..quant_ops.lora import LoraFactor, apply_lora, check_factor, originals, remove_lora
+
+log = logging.getLogger("comfyui_lowbit")
+
+def lowbit_layers(model) -> dict:
+    """{module path (as in patch keys): quantized module}."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowBitLinear)}
+
+
+def _split_key(key: str, model):
+    """(module path, quantized module, tensor name) when `key` names a quantized layer's tensor, else None."""
+    path, _, name = key.rpartition(".")
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return (path, m, name) if isinstance(m, LowBitLinear) else None
+
+
+def _offsets(offset):
+    """ComfyUI offset (dim, start, length) -> (out_offset, in_offset)."""
+    if offset is None:
+        return None, None
+    dim, start, length = offset
+    return ((start, length), None) if dim == 0 else (None, (start, length))
+
+
+def lora_plan(path: str, module: LowBitLinear, weight_patches: list, bias_patches: list):
+    """(LoRA factors, bias delta or None, skipped descriptions) for one quantized layer from ComfyUI patches.
+
+    Raises ValueError naming the key and both shapes when a LoRA does not fit the layer.
+    """
+    n, k = module.out_features, module.in_features
+    factors, skipped, bias_delta = [], [], None
+    for strength, v, strength_model, offset, function in weight_patches:
+        key = f"{path}.weight"
+        adapter = v if isinstance(v, comfy.weight_adapter.WeightAdapterBase) else None
+        kind = adapter.name if adapter is not None else (v[0] if isinstance(v, tuple) and len(v) == 2 else "diff")
+        if isinstance(v, list):
+            kind = "merge"
+        if adapter is None or adapter.name != "lora" or strength_model != 1.0 or function is not None:
+            skipped.append(f"{key} ({kind}{', strength_model' if strength_model != 1.0 else ''})")
+            continue
+        up, down, alpha, mid, dora_scale, reshape = adapter.weights
+        if mid is not None or dora_scale is not None or reshape is not None:
+            skipped.append(f"{key} ({'dora' if dora_scale is not None else 'locon mid/reshape'})")
+            continue
+        out_off, in_off = _offsets(offset)
+        where = "" if offset is None else f" offset {tuple(offset)}"
+        f = LoraFactor.from_alpha(up.flatten(1), down.flatten(1), alpha, strength, out_offset=out_off,
+                                  in_offset=in_off, name=f"{key}{where}")
+        check_factor(f, n, k, layer=path)
+        if strength != 0.0:
+            factors.append(f)
+    for strength, v, strength_model, offset, function in bias_patches:
+        key = f"{path}.bias"
+        if (isinstance(v, tuple) and len(v) in (1, 2) and (len(v) == 1 or v[0] == "diff")
+                and strength_model == 1.0 and function is None):
+            diff = (v[0] if len(v) == 1 else v[1][0]).float().reshape(-1)
+            start, length = (0, n) if offset is None else (offset[1], offset[2])
+            if diff.numel() != length or start + length > n:
+                raise ValueError(f"LoRA bias patch {key}{'' if offset is None else f' offset {tuple(offset)}'}: "
+                                 f"shape {tuple(diff.shape)} does not fit bias ({n},) at {start}:{start + length}")
+            if bias_delta is None:
+                bias_delta = diff.new_zeros(n)
+            bias_delta[start:start + length] += strength * diff
+        else:
+            skipped.append(f"{key} (bias {type(v).__name__})")
+    return factors, bias_delta, skipped
+
+
+class LowBitPatcherMixin:
+    """Mixed in before ComfyUI's patcher class by `wrap_patcher`."""
+
+    lowbit_lora = True
+
+    def lowbit_apply_patches(self):
+        """Set every quantized layer's branch to its original plus its current LoRA patches; the count."""
+        plans, skipped = [], []
+        for path, m in lowbit_layers(self.model).items():
+            wp = self.patches.get(f"{path}.weight", [])
+            bp = self.patches.get(f"{path}.bias", [])
+            if wp or bp:
+                factors, bias_delta, skip = lora_plan(path, m, wp, bp)  # validates every layer before changing any
+                skipped += skip
+                plans.append((path, m, factors, bias_delta))
+        for path, m, factors, bias_delta in plans:
+            apply_lora(m, factors, bias_delta, layer=path)
+        if skipped:
+            log.warning("lowbit: %d LoRA patches on quantized layers cannot go into the low-rank branch and were "
+                        "skipped: %s%s", len(skipped), ", ".join(skipped[:4]), ", ..." if len(skipped) > 4 else "")
+        return sum(originals(m) is not None for _, m, _, _ in plans)
+
+    def lowbit_restore(self):
+        """Put back every quantized layer's original branch and bias (the very tensors); the count."""
+        return sum(remove_lora(m) for m in lowbit_layers(self.model).values())
+
+    def load(self, *args, **kwargs):
+        # Originals back first, so that whatever ComfyUI backs up during load (ModelPatcherDynamic backs up
+        # and casts every buffer) is the original branch; the LoRAs go in after, from the patches as they are now.
+        self.lowbit_restore()
+        out = super().load(*args, **kwargs)
+        self.lowbit_apply_patches()
+        return out
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        # Before ComfyUI's own restore, which may move the model (device_to) or put back buffers it backed up.
+        if unpatch_weights:
+            self.lowbit_restore()
+        return super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
+        hit = _split_key(key, self.model)
+        if hit is None:
+            return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update,
+                                                  return_weight=return_weight, force_cast=force_cast)
+        # Never cast or merge a quantized layer's tensors; its LoRAs go into the branch after `load`
+        # (composing here, inside ModelPatcherDynamic.load, would get the LoRA branch backed up as original).
+        path, m, name = hit
+        return getattr(m, name) if return_weight else None
+
+    def patch_hook_weight_to_device(self, hooks, combined_patches, key, original_weights, memory_counter):
+        if _split_key(key, self.model) is not None:
+            if key in combined_patches:
+                log.warning("lowbit: hook (scheduled) LoRA patches are not supported on quantized layers; %s skipped", key)
+            return
+        return super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
+
+    def clone(self, *args, **kwargs):
+        return wrap_patcher(super().clone(*args, **kwargs))
+
+
+_CLASSES = {}
+
+
+def _lowbit_class(cls):
+    if issubclass(cls, LowBitPatcherMixin):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"LowBit{cls.__name__}", (LowBitPatcherMixin, cls), {})
+    return _CLASSES[cls]
 
 
 def wrap_patcher(model_patcher):
+    """Make a ModelPatcher (any subclass) route LoRAs on quantized layers into their low-rank branch.
+
+    The instance keeps its state; only its class changes (to LowBit<its class>), so clones keep it.
+    """
+    if model_patcher is None or not isinstance(model_patcher, comfy.model_patcher.ModelPatcher):
+        return model_patcher
+    model_patcher.__class__ = _lowbit_class(type(model_patcher))
     return model_patcher
