@@ -1,0 +1,118 @@
+"""Shared pieces of the Triton kernels: interpreter switch, autotune helpers, in-register decoders, epilogue.
+
+Layouts are those of packing.py (int4: element 2i in the low nibble; ternary: value + 1 in bits 2j).
+Weights are decoded with the byte of element k loaded once per k (gemlite style), which keeps every tile
+a plain (BLOCK_K, BLOCK_N) tensor that `tl.dot` takes directly.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+MAX_RANK = 256
+_UPCAST = tl.constexpr(INTERPRET)
+
+
+def configs(full, interpreted):
+    """Autotune candidates: `full` on a device, the single `interpreted` one under TRITON_INTERPRET=1
+    (one config means no benchmarking). Each is a dict of meta-parameters plus num_warps/num_stages."""
+    def one(c):
+        c = dict(c)
+        warps, stages, hook = c.pop("num_warps", 4), c.pop("num_stages", 2), c.pop("pre_hook", None)
+        return triton.Config(c, num_warps=warps, num_stages=stages, pre_hook=hook)
+
+    return [one(interpreted)] if INTERPRET else [one(c) for c in full]
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the token count: next power of two, so each shape family tunes once."""
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
+
+
+def check_rank(lr, proj_up, what):
+    if lr is None:
+        return None, None
+    r = proj_up.shape[1]
+    if r % 16 or r > MAX_RANK or lr.shape[1] != r:
+        raise ValueError(f"{what}: low-rank branch rank must be a multiple of 16 up to {MAX_RANK} "
+                         f"(lr {tuple(lr.shape)}, proj_up {tuple(proj_up.shape)})")
+    return lr.to(proj_up.dtype).contiguous(), proj_up.contiguous()
+
+
+@triton.jit
+def dot16(a, b, acc):
+    """acc + a @ b for 16-bit a, b. The interpreter (Triton 3.9) multiplies bfloat16 as raw uint16 bits,
+    so there the operands go through float32 (exact for 16-bit values)."""
+    if _UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """float32 -> dtype rounding to nearest even. The interpreter truncates float32 -> bfloat16, so
+    there the rounding is done on the bits (compiled code already rounds to nearest even)."""
+    if _UPCAST and dtype == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def swizzle(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n), GROUP_M row blocks at a time so weight tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def load_int4(w_ptr, offs_k, offs_n, K, N):
+    """int8 (BLOCK_K, BLOCK_N) tile of W^T from uint8 (N, K/2) nibbles."""
+    b = tl.load(w_ptr + offs_n[None, :] * (K // 2) + offs_k[:, None] // 2,
+                mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0).to(tl.int32)
+    v = (b >> ((offs_k[:, None] % 2) * 4)) & 0xF
+    return ((v ^ 8) - 8).to(tl.int8)
+
+
+@triton.jit
+def load_ternary(w_ptr, offs_k, offs_n, K, N):
+    """int8 (BLOCK_K, BLOCK_N) tile of T^T in {-1, 0, 1} from uint8 (N, K/4) 2-bit codes."""
+    b = tl.load(w_ptr + offs_n[None, :] * (K // 4) + offs_k[:, None] // 4,
+                mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=1).to(tl.int32)
+    return (((b >> ((offs_k[:, None] % 4) * 2)) & 0x3) - 1).to(tl.int8)
+
+
+@triton.jit
+def lowrank_bias(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R,
+                 HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + lr @ proj_up^T (16-bit operands, float32 sum) + bias, as reference._epilogue."""
+    if HAS_LR:
+        lacc = tl.zeros(acc.shape, tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            a = tl.load(lr_ptr + offs_m[:, None] * R + offs_r[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+            b = tl.load(up_ptr + offs_n[None, :] * R + offs_r[:, None],
+                        mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+            lacc = dot16(a, b, lacc)
+        acc = acc + lacc
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def store_tile(out_ptr, acc, offs_m, offs_n, M, N, ATOMIC: tl.constexpr):
+    ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, cast(acc, out_ptr.dtype.element_ty), mask=mask)
