@@ -351,3 +351,28 @@ def test_inconsistent_files_are_named(tiny):
     meta["config"] = json.dumps({**json.loads(meta["config"]), "num_layers": 19})
     with pytest.raises(ValueError, match="depth config 19"):
         nunchaku.convert_state_dict(tiny["sd"], meta)
+
+
+def test_mixed_signedness_on_the_triton_backend(tiny):
+    """linear2's split quantization runs through whichever kernels are dispatched (Triton interpreted on CPU)."""
+    from comfyui_lowbit import kernels
+
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    conv = module_from_packed(_packed(tiny["tensors"], tiny["layers"], "single_blocks.0.linear2"))
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.randn(4, 256, generator=g),
+                   torch.nn.functional.gelu(torch.randn(4, 1024, generator=g), approximate="tanh")], -1).to(BF16)
+    kernels.set_backend("reference")
+    try:
+        ref = conv(x)
+        kernels.set_backend("triton")
+        try:
+            got = conv(x)
+        except RuntimeError as e:
+            if "cannot load" in str(e):
+                pytest.skip(str(e))
+            raise
+    finally:
+        kernels.set_backend(None)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-3)
