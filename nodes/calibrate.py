@@ -77,9 +77,15 @@ class LowBitCalibrate:
     FUNCTION = "wrap"
     CATEGORY = "lowbit"
     DESCRIPTION = ("Returns a copy of the model that records the input range of every block linear layer while it "
-                   "samples. Sample your usual prompts with it, then save with 'LowBit Save Calibration'.")
+                   "samples. Sample your usual prompts with it, then save with 'LowBit Save Calibration'. Statistics "
+                   "accumulate over every prompt sampled with this MODEL while ComfyUI keeps it cached.")
 
     def wrap(self, model):
+        from .ops import lowbit_modules
+
+        if lowbit_modules(model.model):
+            raise ValueError("LowBit Calibrate needs the 16-bit model (e.g. from Load Diffusion Model), "
+                             "not a lowbit one: calibration records the inputs of the layers before quantization")
         m = model.clone()
         stats = CalibrationStats()
         m.set_attachments(ATTACHMENT, stats)

@@ -1,9 +1,11 @@
 """Loader nodes: lowbit FLUX diffusion model and FLUX text encoders (lowbit T5 and/or CLIP-L)."""
 import logging
+import os
 
 import torch
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -29,10 +31,44 @@ def _wrap_patcher(model_patcher):
     return wrap_patcher(model_patcher)
 
 
-def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, disable_dynamic: bool = False):
+def check_backend(backend: str) -> None:
+    """Refuse backend=triton where ComfyUI runs on the CPU: the Triton kernels are GPU code (Triton's
+    interpreter, TRITON_INTERPRET=1, runs them on CPU tensors, slowly, for debugging)."""
+    if backend not in kernels.BACKENDS:
+        raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
+    if backend != "triton":
+        return
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' needs a GPU, but ComfyUI runs on the CPU here (--cpu or no GPU found); "
+                         "choose 'auto' or 'reference' (TRITON_INTERPRET=1 runs the Triton kernels on the CPU, "
+                         "for debugging only)")
+    kernels.set_backend("triton")
+    try:
+        kernels.backend_for(device)  # imports the kernels now, so a broken Triton fails at load, not mid-sampling
+    finally:
+        kernels.set_backend(None)
+
+
+def _backend_wrapper(backend: str):
+    """An APPLY_MODEL wrapper that runs this model's calls on `backend` (the choice is per model, not global)."""
+
+    def wrapper(executor, *args, **kwargs):
+        kernels.set_backend(backend)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            kernels.set_backend(None)
+
+    return wrapper
+
+
+def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, backend: str = "auto",
+                                disable_dynamic: bool = False):
     """A ComfyUI ModelPatcher for a lowbit FLUX checkpoint (or a Nunchaku INT4 FLUX file) at `path`."""
     from ..quant_ops import checkpoint, nunchaku
 
+    check_backend(backend)
     try:
         info = checkpoint.read_info(path)
     except checkpoint.NotALowbitCheckpoint:
@@ -54,7 +90,10 @@ def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, dis
     if n_quant != len(info.layers):
         raise ValueError(f"{path}: lowbit.layers lists {len(info.layers)} quantized layers but the model took "
                          f"{n_quant}; the layer names do not match ComfyUI's FLUX")
-    patcher.cached_patcher_init = (load_lowbit_diffusion_model, (path, dtype))
+    if backend != "auto":
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "lowbit_backend",
+                                     _backend_wrapper(backend))
+    patcher.cached_patcher_init = (load_lowbit_diffusion_model, (path, dtype, backend))
     return _wrap_patcher(patcher)
 
 
@@ -66,7 +105,8 @@ class LowBitDiffusionModelLoader:
                            {"tooltip": "A lowbit FLUX checkpoint (4-bit SVDQuant W4A4 or 1.58-bit ternary) in models/diffusion_models."}),
             "backend": (list(kernels.BACKENDS),
                         {"default": "auto", "tooltip": "auto: Triton kernels on a GPU, the PyTorch reference on CPU. "
-                                                       "reference: exact PyTorch path everywhere (slow). triton: require Triton."}),
+                                                       "reference: exact PyTorch path everywhere (slow). triton: require the "
+                                                       "Triton kernels (an error on a CPU-only ComfyUI)."}),
             "compute_dtype": (list(DTYPES), {"default": "auto",
                               "tooltip": "16-bit dtype of scales, low-rank branch and activations; auto lets ComfyUI pick "
                                          "(float16 on GPUs without bfloat16)."}),
@@ -78,9 +118,8 @@ class LowBitDiffusionModelLoader:
     DESCRIPTION = "Loads a lowbit FLUX diffusion model as ComfyUI's own FLUX with quantized linear layers."
 
     def load(self, model_name, backend="auto", compute_dtype="auto"):
-        kernels.set_backend(backend)
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        return (load_lowbit_diffusion_model(path, DTYPES[compute_dtype]),)
+        return (load_lowbit_diffusion_model(path, DTYPES[compute_dtype], backend),)
 
 
 def _read_text_encoder(path: str):
@@ -97,23 +136,70 @@ def _read_text_encoder(path: str):
     return checkpoint.load_checkpoint(path)
 
 
+def _logical_shape(sd: dict, layers: dict, key: str) -> tuple:
+    """Shape of `key` as the 16-bit model has it (a quantized layer's weight is packed in the file)."""
+    layer, _, end = key.rpartition(".")
+    if end == "weight" and layer in layers:
+        return (layers[layer]["out_features"], layers[layer]["in_features"])
+    return tuple(sd[key].shape)
+
+
+CLIP_L_SIZE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
+
+
+def _clip_l_config(sd: dict, layers: dict) -> dict | None:
+    """ComfyUI's CLIP-L config overrides for a CLIP-L whose sizes differ from OpenAI's (None if they match).
+    Heads are not in the shapes: head width 64, as in CLIP-L."""
+    emb = "text_model.embeddings.token_embedding.weight"
+    if emb not in sd:
+        return None
+    vocab, hidden = sd[emb].shape
+    n_layers = len({k.split(".")[3] for k in sd if k.startswith("text_model.encoder.layers.")})
+    cfg = {"hidden_size": hidden, "num_hidden_layers": n_layers, "num_attention_heads": max(1, hidden // 64),
+           "intermediate_size": _logical_shape(sd, layers, "text_model.encoder.layers.0.mlp.fc1.weight")[0],
+           "vocab_size": vocab,
+           "max_position_embeddings": sd["text_model.embeddings.position_embedding.weight"].shape[0]}
+    if all(cfg[k] == v for k, v in CLIP_L_SIZE.items()):
+        return None
+    return cfg
+
+
+def _t5_config(sd: dict, layers: dict, info) -> dict | None:
+    """ComfyUI's T5 config overrides when the encoder is not T5-XXL's size (None if it is)."""
+    from ..quant_ops import t5
+
+    if info is not None and info.model == "t5" and info.config:
+        cfg = {k: info.config[k] for k in T5_CONFIG_KEYS if k in info.config}
+    elif t5.is_t5(sd):
+        cfg = t5.infer_config({k: _logical_shape(sd, layers, k) for k in sd})
+    else:
+        return None
+    if (cfg.get("d_model"), cfg.get("num_layers"), cfg.get("d_ff")) == (4096, 24, 10240):
+        return None
+    return {k: cfg[k] for k in T5_CONFIG_KEYS if k in cfg}
+
+
 def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None):
-    """A ComfyUI CLIP (FLUX: CLIP-L + T5-XXL) from files of which any may be lowbit."""
+    """A ComfyUI CLIP (FLUX: CLIP-L + T5-XXL) from files of which any may be lowbit. Encoders smaller
+    than CLIP-L / T5-XXL (tests, distilled encoders) get ComfyUI config overrides read from their shapes."""
     state_dicts, layers, options = [], {}, {}
     for path in paths:
         sd, info = _read_text_encoder(path)
         state_dicts.append(sd)
-        if info is None:
-            continue
-        clash = set(layers) & set(info.layers)
+        own = info.layers if info is not None else {}
+        clash = set(layers) & set(own)
         if clash:
             raise ValueError(f"{path}: quantized layer names also in another text encoder file: {sorted(clash)[:3]}")
-        layers.update(info.layers)
-        if info.model == "t5":  # a lowbit T5 carries its architecture; it overrides ComfyUI's T5-XXL config
-            cfg = {k: info.config[k] for k in T5_CONFIG_KEYS if k in (info.config or {})}
-            if cfg:
-                options["t5xxl_model_config"] = cfg
-    options["custom_operations"] = make_ops(layers, dtype, source=" + ".join(paths))
+        layers.update(own)
+        t5_cfg, clip_cfg = _t5_config(sd, own, info), _clip_l_config(sd, own)
+        if t5_cfg:
+            options["t5xxl_model_config"] = t5_cfg
+        if clip_cfg:
+            # load_text_encoder_state_dicts rebuilds clip_l_model_config from model_options["model_config"]
+            # (comfy/text_encoders/long_clipl.py), so the overrides go there
+            options["model_config"] = clip_cfg
+    if layers:
+        options["custom_operations"] = make_ops(layers, dtype, source=" + ".join(paths))
     clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=state_dicts, clip_type=comfy.sd.CLIPType.FLUX,
                                                   embedding_directory=folder_paths.get_folder_paths("embeddings"),
                                                   model_options=options)

@@ -37,7 +37,7 @@ class _ComfyQuantLinear:
     def forward(self, x, *args, **kwargs):
         comfy.ops.run_every_op()
         if self.weight.device != x.device:  # offloaded (low VRAM): run on a copy on the input's device
-            return MODULES[self.fmt](self.packed().to(device=x.device))(x)
+            return self.copy_to(x.device)(x)
         return super().forward(x)
 
 

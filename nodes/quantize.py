@@ -59,13 +59,23 @@ class LowBitQuantizeModel:
     CATEGORY = "lowbit"
     DESCRIPTION = "Writes a lowbit checkpoint of a 16-bit model next to it (then load it with the LowBit loaders)."
 
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # always run: a queued quantization must write (or say why it cannot), never be cached
+
     def quantize(self, model_name, format, rank, calibration, output_name):
-        from ..quant_ops import convert
+        from ..quant_ops import checkpoint, convert
 
         folder, _, name = model_name.partition("/")
         if folder not in FOLDERS:
             raise ValueError(f"model_name must start with one of {FOLDERS}, got {model_name!r}")
         src = folder_paths.get_full_path_or_raise(folder, name)
+        try:
+            info = checkpoint.read_info(src)
+        except checkpoint.NotALowbitCheckpoint:
+            info = None
+        if info is not None:
+            raise ValueError(f"{src} is already a lowbit {info.model!r} checkpoint; pick a 16-bit model to quantize")
         dst = _output_path(src, output_name)
         calib = None
         if calibration != NO_CALIB:

@@ -6,7 +6,8 @@ server is always killed by stop() (use it as a context manager).
 
 Besides this pack, a one-file test pack is written next to it with two nodes the tests need:
 LowBitTestConditioning (seeded random FLUX conditioning, for tiny models whose text width no real
-text encoder has) and LowBitTestLiveModules (counts live quantized modules, for leak checks).
+text encoder has), LowBitTestLiveModules (counts live quantized modules, for leak checks) and
+LowBitTestModules (names in the server's sys.modules containing a string, for import checks).
 """
 import json
 import os
@@ -45,21 +46,38 @@ class LowBitTestConditioning:
 class LowBitTestLiveModules:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"nonce": ("INT", {"default": 0})}}
+        return {"required": {"nonce": ("INT", {"default": 0})}, "optional": {"after": ("LATENT",)}}
 
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "count"
     CATEGORY = "lowbit_test"
 
-    def count(self, nonce):
+    def count(self, nonce, after=None):
         gc.collect()
         n = sum(1 for o in gc.get_objects()
                 if isinstance(o, torch.nn.Module) and any(c.__name__ == "LowBitLinear" for c in type(o).__mro__))
         return {"ui": {"live": [n]}}
 
 
-NODE_CLASS_MAPPINGS = {"LowBitTestConditioning": LowBitTestConditioning, "LowBitTestLiveModules": LowBitTestLiveModules}
+class LowBitTestModules:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"contains": ("STRING", {"default": "triton"}), "nonce": ("INT", {"default": 0})},
+                "optional": {"after": ("LATENT",)}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "list"
+    CATEGORY = "lowbit_test"
+
+    def list(self, contains, nonce, after=None):
+        import sys
+        return {"ui": {"modules": sorted(m for m in sys.modules if contains in m)}}
+
+
+NODE_CLASS_MAPPINGS = {"LowBitTestConditioning": LowBitTestConditioning, "LowBitTestLiveModules": LowBitTestLiveModules,
+                       "LowBitTestModules": LowBitTestModules}
 '''
 
 
@@ -74,8 +92,10 @@ class ComfyError(RuntimeError):
 
 
 class ComfyServer:
-    def __init__(self, comfy_path: str, base_dir: Path, python: str = sys.executable, start_timeout: float = 180):
+    def __init__(self, comfy_path: str, base_dir: Path, python: str = sys.executable, start_timeout: float = 180,
+                 extra_args: list[str] = ()):
         self.comfy_path = Path(comfy_path)
+        self.extra_args = list(extra_args)
         self.base = Path(base_dir)
         self.python = python
         self.start_timeout = start_timeout
@@ -100,7 +120,7 @@ class ComfyServer:
         self._layout()
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch",
-               "--database-url", "sqlite:///:memory:"]
+               "--database-url", "sqlite:///:memory:", *self.extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
         env.pop("LOWBIT_BACKEND", None)
         self._log = open(self.log_path, "w")
