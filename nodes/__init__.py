@@ -1,6 +1,7 @@
 """ComfyUI nodes (the only package besides the root __init__ that imports ComfyUI)."""
 from .calibrate import LowBitCalibrate, LowBitSaveCalibration
 from .loaders import LowBitDiffusionModelLoader, LowBitTextEncoderLoader
+from .lora_stack import LowBitLoraStack
 from .quantize import LowBitQuantizeModel
 
 NODE_CLASS_MAPPINGS = {
@@ -9,6 +10,7 @@ NODE_CLASS_MAPPINGS = {
     "LowBitQuantizeModel": LowBitQuantizeModel,
     "LowBitCalibrate": LowBitCalibrate,
     "LowBitSaveCalibration": LowBitSaveCalibration,
+    "LowBitLoraStack": LowBitLoraStack,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LowBitDiffusionModelLoader": "Load LowBit Diffusion Model",
@@ -16,4 +18,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LowBitQuantizeModel": "LowBit Quantize Model",
     "LowBitCalibrate": "LowBit Calibrate (record activations)",
     "LowBitSaveCalibration": "LowBit Save Calibration",
+    "LowBitLoraStack": "LowBit LoRA Stack",
 }

@@ -342,3 +342,20 @@ def test_clone_disable_dynamic_and_return_weight(comfy, models):
     key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     w = c.patch_weight_to_device(key, return_weight=True)
     assert w is _lowbit(c)["diffusion_model.double_blocks.0.img_attn.qkv"].weight
+
+
+def test_lora_stack_reports_unmatched_keys_in_one_line(comfy, models, caplog):
+    from comfyui_lowbit.nodes.lora_stack import apply_lora
+
+    _, mpq, _ = models
+    lora = make_lora("kohya", seed=5)
+    extra = {f"lora_unet_no_such_layer_{i}.lora_up.weight": torch.zeros(4, 4) for i in range(6)}
+    with caplog.at_level(logging.WARNING):
+        out, unmatched = apply_lora(mpq, {**lora, **extra}, 0.8, "mixed.safetensors")
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert "mixed.safetensors: 6 of" in lines[0] and "no_such_layer" in lines[0] and len(unmatched) == 6
+    ref, _ = comfy.sd.load_lora_for_models(mpq, None, lora, 0.8, 0)  # the same patches as ComfyUI's loader
+    assert set(out.patches) == set(ref.patches) and type(out) is type(ref)
+    for k in ref.patches:
+        assert [p[0] for p in out.patches[k]] == [p[0] for p in ref.patches[k]]

@@ -120,11 +120,11 @@ def _compare(server, loras, tag):
     b0, b1 = _latent(server, _sampling(BF16, f"{tag}/b0")), _latent(server, _sampling(BF16, f"{tag}/b1", loras))
     dq, db = (q1 - q0).flatten(), (b1 - b0).flatten()
     cos = torch.nn.functional.cosine_similarity(dq, db, dim=0).item()
-    return cos, (dq.norm() / db.norm()).item(), (db.norm() / b0.norm()).item(), q0
+    return cos, (dq.norm() / db.norm()).item(), (db.norm() / b0.norm()).item(), q0, q1
 
 
 def test_lora_loader_model_only_moves_latent_like_16bit(server):
-    cos, ratio, effect, q0 = _compare(server, [("style_diffusers.safetensors", 1.0)], "one")
+    cos, ratio, effect, q0, _ = _compare(server, [("style_diffusers.safetensors", 1.0)], "one")
     print(f"diffusers LoRA, strength 1: effect {effect:.3f} of the 16-bit latent; lowbit vs 16-bit delta cosine "
           f"{cos:.3f}, norm ratio {ratio:.3f}")
     assert effect > 0.02 and cos > COS_MIN and 0.6 < ratio < 1.6
@@ -132,9 +132,17 @@ def test_lora_loader_model_only_moves_latent_like_16bit(server):
 
     # two stacked LoRAs (diffusers + kohya), the second at negative strength
     loras = [("style_diffusers.safetensors", 0.7), ("detail_kohya.safetensors", -0.8)]
-    cos2, ratio2, effect2, _ = _compare(server, loras, "two")
+    cos2, ratio2, effect2, _, q2 = _compare(server, loras, "two")
     print(f"two stacked LoRAs (0.7, -0.8): effect {effect2:.3f}; delta cosine {cos2:.3f}, norm ratio {ratio2:.3f}")
     assert effect2 > 0.02 and cos2 > COS_MIN and 0.6 < ratio2 < 1.6
+
+    # LowBitLoraStack: the same two LoRAs in one node give exactly the chained loaders' latent
+    wf = _sampling(LOWBIT, "stack")
+    wf["s"] = {"class_type": "LowBitLoraStack",
+               "inputs": {"model": ["1", 0], "lora_1": loras[0][0], "strength_1": loras[0][1],
+                          "lora_2": loras[1][0], "strength_2": loras[1][1], "lora_3": "None", "strength_3": 1.0}}
+    wf["5"]["inputs"]["model"] = ["s", 0]
+    assert torch.equal(_latent(server, wf), q2)
 
     # q0 was sampled on the loaded model right after a LoRA run; a fresh load (another loader input, so
     # ComfyUI loads the file again) that never saw a LoRA samples exactly the same latent
