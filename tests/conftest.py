@@ -1,0 +1,12 @@
+"""Shared pytest behaviour: tests marked `gpu` skip unless torch sees a CUDA (or ROCm) device."""
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,266 @@
+"""Triton kernels == kernels/reference.py.
+
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here before Triton is
+imported) on CPU tensors, on small shapes; with one they run compiled on CUDA. Integer parts (codes,
+scales) must be bit-equal; float results may differ only by summation order: within 1 unit in the last
+place of the output dtype relative to the largest output (float32 outputs: 2e-6 relative).
+`gpu` tests run the compiled kernels at FLUX shapes.
+"""
+import logging
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from comfyui_lowbit import kernels  # noqa: E402
+from comfyui_lowbit.kernels import dispatch, reference as ref  # noqa: E402
+from comfyui_lowbit.kernels.packing import pack_int4, pack_ternary  # noqa: E402
+
+triton_ops = pytest.importorskip("comfyui_lowbit.kernels.triton_ops")
+from comfyui_lowbit.kernels.triton_common import INTERPRET  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+if DEV == "cuda" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels were imported compiled and there is no GPU", allow_module_level=True)
+DTYPES = (torch.bfloat16, torch.float16)
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2e-6}
+
+
+def close(out, expected, dtype=None):
+    tol = ULP[dtype or expected.dtype]
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    scale = expected.float().abs().max().item()
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol * scale)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(*shape, dtype=torch.float32, g, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+def int4_weight(n, k, g):
+    return pack_int4(torch.randint(-8, 8, (n, k), generator=g)).to(DEV)
+
+
+def ternary_weight(n, k, g):
+    return pack_ternary(torch.randint(-1, 2, (n, k), generator=g)).to(DEV)
+
+
+# (M, K, rank, unsigned): M = 1, M not a multiple of the row block, K = 192 (3 groups), ranks 16 and 48
+ACT_CASES = [(1, 192, 16, False), (33, 128, 48, True), (17, 64, 0, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,rank,unsigned", ACT_CASES)
+def test_quantize_act_int4(dtype, m, k, rank, unsigned):
+    g = gen(1)
+    x = rand(m, k, dtype=dtype, g=g, scale=2.0)
+    x[0, 64:128 if k > 64 else 64] = 0  # an all-zero group: scale 0, codes 0
+    smooth = None if rank == 0 else (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV)
+    down = rand(k, rank, dtype=dtype, g=g, scale=0.1) if rank else None
+    q, s, lr = triton_ops.quantize_act_int4(x, smooth, down, unsigned=unsigned)
+    eq, es, elr = ref.quantize_act_int4(x, smooth, down, unsigned=unsigned)
+    assert torch.equal(q, eq) and torch.equal(s, es)
+    if rank:
+        close(lr, elr)
+    else:
+        assert lr is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,rank", [(1, 192, 16), (33, 320, 48)])
+def test_quantize_act_int8_and_lora_down(dtype, m, k, rank):
+    g = gen(2)
+    x = rand(m, k, dtype=dtype, g=g)
+    down = rand(k, rank, dtype=dtype, g=g, scale=0.1)
+    q, s, lr = triton_ops.quantize_act_int8(x, down)
+    eq, es, elr = ref.quantize_act_int8(x, down)
+    assert torch.equal(q, eq) and torch.equal(s, es)
+    close(lr, elr)
+    close(triton_ops.lora_down(x, down), elr)
+    assert triton_ops.lora_down(x, None) is None
+
+
+# (M, N, K, rank, bias)
+GEMM_CASES = [(1, 48, 192, 16, True), (33, 40, 128, 48, True), (20, 32, 64, 0, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,rank,has_bias", GEMM_CASES)
+def test_w4a4_gemm(dtype, m, n, k, rank, has_bias):
+    g = gen(3)
+    x = rand(m, k, dtype=dtype, g=g)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV)
+    down = rand(k, rank, dtype=dtype, g=g, scale=0.1) if rank else None
+    qx, s, lr = triton_ops.quantize_act_int4(x, smooth, down)
+    qw, ws = int4_weight(n, k, g), rand(k // 64, n, dtype=dtype, g=g, scale=0.05)
+    up = rand(n, rank, dtype=dtype, g=g, scale=0.1) if rank else None
+    bias = rand(n, dtype=dtype, g=g) if has_bias else None
+    for out_dtype in (dtype, torch.float32):
+        out = triton_ops.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=out_dtype)
+        close(out, ref.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=out_dtype))
+
+
+# (M, N, K, group, zeros): M = 1 and 5 take the split-K path, M = 65 the tiled one
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,gs,zeros", [(1, 48, 192, 64, True), (5, 40, 256, 128, False), (65, 32, 128, 64, True)])
+def test_w4a16_gemm(dtype, m, n, k, gs, zeros):
+    g = gen(4)
+    x = rand(m, k, dtype=dtype, g=g)
+    qw, ws = int4_weight(n, k, g), rand(k // gs, n, dtype=dtype, g=g, scale=0.05)
+    wz = rand(k // gs, n, dtype=dtype, g=g, scale=0.02) if zeros else None
+    bias = rand(n, dtype=dtype, g=g)
+    close(triton_ops.w4a16_gemm(x, qw, ws, wz, bias), ref.w4a16_gemm(x, qw, ws, wz, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,rank,has_bias", [(1, 48, 192, 16, True), (65, 32, 128, 48, False)])
+def test_ternary_gemm(dtype, m, n, k, rank, has_bias):
+    g = gen(5)
+    x = rand(m, k, dtype=dtype, g=g)
+    tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
+    lr, up = rand(m, rank, dtype=dtype, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)
+    bias = rand(n, dtype=dtype, g=g) if has_bias else None
+    close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
+    close(triton_ops.ternary_gemm(x, tw, ws), ref.ternary_gemm(x, tw, ws))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,rank", [(1, 48, 192, 16), (33, 40, 320, 48)])
+def test_ternary_int8_gemm(dtype, m, n, k, rank):
+    g = gen(6)
+    x = rand(m, k, dtype=dtype, g=g)
+    down, up = rand(k, rank, dtype=dtype, g=g, scale=0.1), rand(n, rank, dtype=dtype, g=g, scale=0.1)
+    q, s, lr = triton_ops.quantize_act_int8(x, down)
+    tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
+    bias = rand(n, dtype=dtype, g=g)
+    close(triton_ops.ternary_int8_gemm(q, s, tw, ws, lr, up, bias, out_dtype=dtype),
+          ref.ternary_int8_gemm(q, s, tw, ws, lr, up, bias, out_dtype=dtype))
+
+
+def test_rank_checks():
+    g = gen(7)
+    qx, s = torch.zeros(2, 64, dtype=torch.int8, device=DEV), torch.ones(2, 1, device=DEV)
+    qw, ws = int4_weight(16, 64, g), rand(1, 16, dtype=torch.bfloat16, g=g)
+    lr, up = rand(2, 8, dtype=torch.bfloat16, g=g), rand(16, 8, dtype=torch.bfloat16, g=g)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        triton_ops.w4a4_gemm(qx, s, qw, ws, lr, up)
+    with pytest.raises(ValueError, match="do not match"):
+        triton_ops.w4a4_gemm(qx[:, :32], s, qw, ws)
+
+
+# ---- dispatch ----
+
+def test_dispatch_default_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv("LOWBIT_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_forced", None)
+    assert kernels.backend_for(torch.device("cpu")) is ref
+
+
+@pytest.mark.skipif(not INTERPRET, reason="forcing Triton on CPU tensors needs the interpreter")
+@pytest.mark.parametrize("fmt,options,op", [
+    ("svdq_w4a4", {"rank": 16}, "w4a4_gemm"),
+    ("svdq_w4a4", {"rank": 16, "act_unsigned": True}, "w4a4_gemm"),
+    ("w4a16", {"group_size": 128}, "w4a16_gemm"),
+    ("ternary", {"rank": 16}, "ternary_gemm"),
+    ("ternary", {"rank": 16, "act_int8": True}, "ternary_int8_gemm"),
+])
+def test_dispatch_forced_triton_runs_a_layer(monkeypatch, fmt, options, op):
+    from comfyui_lowbit.quant_ops import quantize_linear
+
+    torch.manual_seed(8)
+    layer = quantize_linear(torch.nn.Linear(128, 48), fmt, dtype=torch.bfloat16, **options)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    monkeypatch.setattr(dispatch, "_forced", None)
+    monkeypatch.setenv("LOWBIT_BACKEND", "reference")
+    expected = layer(x)
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    assert kernels.backend_for(torch.device("cpu")) is triton_ops
+    calls = []
+    orig = getattr(triton_ops, op)
+    monkeypatch.setattr(triton_ops, op, lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    close(layer(x), expected)
+    assert calls == [1]
+
+
+def test_interpreter_autotunes_one_config():
+    from comfyui_lowbit.kernels import triton_act, triton_ternary, triton_w4a4, triton_wonly
+
+    tuners = [triton_act._act_int4_kernel, triton_act._act_int8_kernel, triton_w4a4._w4a4_kernel,
+              triton_ternary._ternary_int8_kernel, triton_wonly._small, triton_wonly._large]
+    assert all(len(t.configs) == (1 if INTERPRET else len(t.configs)) for t in tuners)
+    assert INTERPRET or all(len(t.configs) > 1 for t in tuners)
+
+
+def test_dispatch_fallback_warns_once(monkeypatch, caplog):
+    monkeypatch.delenv("LOWBIT_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_forced", None)
+    monkeypatch.setattr(dispatch, "_triton_ops", None)
+    monkeypatch.setattr(dispatch, "_triton_error", "ImportError: No module named 'triton'")
+    monkeypatch.setattr(dispatch, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="comfyui_lowbit"):
+        assert dispatch.backend_for(torch.device("cuda")) is ref
+        assert dispatch.backend_for(torch.device("cuda")) is ref
+    msgs = [r.getMessage() for r in caplog.records if r.name == "comfyui_lowbit"]
+    assert len(msgs) == 1 and "\n" not in msgs[0]
+    assert "reference" in msgs[0] and "No module named 'triton'" in msgs[0]
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="cannot load"):
+        dispatch.backend_for(torch.device("cpu"))
+
+
+# ---- compiled kernels at FLUX shapes (GPU only) ----
+
+def _gpu_ready():
+    if INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1: the gpu tests check compiled kernels")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 300, 4608])
+def test_gpu_w4a4_flux_qkv(m):
+    _gpu_ready()
+    g, dt, k, n, r = gen(10), torch.bfloat16, 3072, 9216, 32
+    x = rand(m, k, dtype=dt, g=g)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(dt).cuda()
+    down, up = rand(k, r, dtype=dt, g=g, scale=0.05), rand(n, r, dtype=dt, g=g, scale=0.05)
+    q, s, lr = triton_ops.quantize_act_int4(x, smooth, down)
+    eq, es, elr = ref.quantize_act_int4(x, smooth, down)
+    assert torch.equal(q, eq) and torch.equal(s, es)
+    close(lr, elr)
+    qw, ws, bias = int4_weight(n, k, g), rand(k // 64, n, dtype=dt, g=g, scale=0.02), rand(n, dtype=dt, g=g)
+    close(triton_ops.w4a4_gemm(q, s, qw, ws, lr, up, bias, out_dtype=dt), ref.w4a4_gemm(q, s, qw, ws, lr, up, bias, out_dtype=dt))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 64, 512])
+def test_gpu_w4a16_flux_modulation(m):
+    _gpu_ready()
+    g, dt, k, n = gen(11), torch.bfloat16, 3072, 18432
+    x = rand(m, k, dtype=dt, g=g)
+    qw, ws, bias = int4_weight(n, k, g), rand(k // 64, n, dtype=dt, g=g, scale=0.02), rand(n, dtype=dt, g=g)
+    close(triton_ops.w4a16_gemm(x, qw, ws, None, bias), ref.w4a16_gemm(x, qw, ws, None, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 1024])
+def test_gpu_ternary_flux_linear2(m):
+    _gpu_ready()
+    g, dt, k, n, r = gen(12), torch.bfloat16, 15360, 3072, 64
+    x = rand(m, k, dtype=dt, g=g)
+    down, up = rand(k, r, dtype=dt, g=g, scale=0.02), rand(n, r, dtype=dt, g=g, scale=0.05)
+    tw, ws, bias = ternary_weight(n, k, g), rand(n, dtype=dt, g=g, scale=0.01).abs(), rand(n, dtype=dt, g=g)
+    lr = triton_ops.lora_down(x, down)
+    close(lr, ref.lora_down(x, down))
+    close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
+    q, s, lr8 = triton_ops.quantize_act_int8(x, down)
+    eq, es, _ = ref.quantize_act_int8(x, down)
+    assert torch.equal(q, eq) and torch.equal(s, es)
+    close(triton_ops.ternary_int8_gemm(q, s, tw, ws, lr8, up, bias, out_dtype=dt),
+          ref.ternary_int8_gemm(q, s, tw, ws, lr8, up, bias, out_dtype=dt))
