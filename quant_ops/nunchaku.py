@@ -33,6 +33,7 @@ from safetensors import safe_open
 
 from . import flux
 from .checkpoint import CheckpointInfo
+from ..kernels.packing import unpack_int4
 from .formats import FORMAT_VERSION, W4A4Weights, W4A16Weights
 
 SUPPORTED = ("Nunchaku SVDQuant INT4 FLUX.1 single-file checkpoints (svdq-int4_r*-flux.1-*.safetensors, "
@@ -134,16 +135,23 @@ _S_PERM = (0, 6, 1, 2, 4, 3, 5)            # packer: (tile, pack, lane/4, pack/2
 _LR_PERM = (0, 1, 3, 6, 2, 5, 4, 7)        # packer: (tiles..., 2, 8, 1, 2, 4, 2) -> (tiles..., 8, 4, 2, 2, 1, 2)
 
 
+def w4a4_weight_to_lowbit(qweight: torch.Tensor, name: str = "qweight") -> torch.Tensor:
+    """Nunchaku int8 (N, K/2) -> lowbit packed uint8 (N, K/2) (low nibble = even k).
+
+    The eight nibbles of one int32 (reg k) are eight consecutive k in both layouts, in the same nibble
+    order, so only whole 32-bit words move."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if qweight.dim() != 2 or qweight.element_size() != 1 or n % TILE_N or k % (2 * TILE_K):
+        raise ValueError(f"{name}: {tuple(qweight.shape)} {qweight.dtype} is not int8 (N, K/2) with N a multiple of "
+                         f"{TILE_N} and K of {2 * TILE_K}")
+    words = qweight.contiguous().view(torch.int32).reshape(n // TILE_N, k // TILE_K, 1, 8, 8, 4, 2, 2, 1)
+    natural = words.permute(*_inverse(_W_PERM[:-1])).reshape(n, k // 8)
+    return natural.contiguous().view(torch.uint8)
+
+
 def unpack_w4a4_weight(qweight: torch.Tensor, name: str = "qweight") -> torch.Tensor:
     """Nunchaku int8 (N, K/2) -> int8 (N, K) values in [-8, 7], natural order."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    if n % TILE_N or k % (2 * TILE_K):
-        raise ValueError(f"{name}: shape {tuple(qweight.shape)} is not (N, K/2) with N a multiple of {TILE_N} "
-                         f"and K of {2 * TILE_K}")
-    from ..kernels.packing import unpack_int4
-    nib = unpack_int4(qweight.contiguous().view(torch.uint8).reshape(-1))
-    stored = nib.view(n // TILE_N, k // TILE_K, 1, 8, 8, 4, 2, 2, 1, 8)
-    return stored.permute(*_inverse(_W_PERM)).reshape(n, k)
+    return unpack_int4(w4a4_weight_to_lowbit(qweight, name))
 
 
 def unpack_channels(t: torch.Tensor, n: int, name: str = "tensor") -> torch.Tensor:
@@ -168,29 +176,46 @@ def unpack_lowrank(t: torch.Tensor, down: bool, name: str = "lora") -> torch.Ten
     return tiles.permute(0, 2, 1, 3).reshape(c, r)  # [N tile, r tile, N in tile, r in tile]
 
 
-def unpack_awq_weight(qweight: torch.Tensor, name: str = "qweight") -> torch.Tensor:
-    """AWQ int32 (N/4, K/2) -> int16 (N, K) values in [0, 15], (possibly interleaved) row order as stored."""
+def _awq_nibbles(qweight: torch.Tensor, name: str) -> torch.Tensor:
+    """AWQ int32 (N/4, K/2) -> uint8 (N, K) values in [0, 15], rows as stored."""
     n4, k = qweight.shape[0], qweight.shape[1] * 2
-    if qweight.dtype != torch.int32 or k % 64:
+    if qweight.dim() != 2 or qweight.dtype != torch.int32 or k % 64:
         raise ValueError(f"{name}: expected int32 (N/4, K/2) with K a multiple of 64, got {tuple(qweight.shape)} {qweight.dtype}")
-    words = qweight.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF           # (N/4, K)
-    words = words.view(n4, k // 64, 4, 16).permute(0, 2, 1, 3).reshape(4 * n4, k // 32, 8)
-    nib = torch.stack([(words >> (4 * i)) & 0xF for i in range(4)], dim=2)          # (N, K/32, 4, 8)
-    return nib.reshape(4 * n4, k).to(torch.int16)
+    words = qweight.contiguous().view(torch.int16).to(torch.int32)                    # (N/4, K) 16-bit words
+    words = words.view(n4, k // 64, 4, 16).permute(0, 2, 1, 3).reshape(4 * n4, k // 32, 1, 8)
+    nib = (words >> torch.tensor([0, 4, 8, 12], dtype=torch.int32).view(4, 1)) & 0xF  # nibble i of word j: k = 8i + j
+    return nib.to(torch.uint8).reshape(4 * n4, k)
+
+
+def unpack_awq_weight(qweight: torch.Tensor, name: str = "qweight") -> torch.Tensor:
+    """AWQ int32 (N/4, K/2) -> int16 (N, K) values in [0, 15], rows as stored (interleaved for modulation)."""
+    return _awq_nibbles(qweight, name).to(torch.int16)
+
+
+def awq_weight_to_lowbit(qweight: torch.Tensor, name: str = "qweight") -> torch.Tensor:
+    """AWQ int32 (N/4, K/2), unsigned q -> lowbit packed uint8 (N, K/2) of the signed 7 - q (see _awq)."""
+    n4, k = qweight.shape[0], qweight.shape[1] * 2
+    if qweight.dim() != 2 or qweight.dtype != torch.int32 or k % 64:
+        raise ValueError(f"{name}: expected int32 (N/4, K/2) with K a multiple of 64, got {tuple(qweight.shape)} {qweight.dtype}")
+    words = qweight.contiguous().view(torch.int16).view(n4, k // 64, 4, 16).permute(0, 2, 1, 3).reshape(4 * n4, k // 32, 8)
+    even, odd = words[..., 0::2].to(torch.int32), words[..., 1::2].to(torch.int32)  # k = 8i + j, j even / odd
+    planes = [((even >> (4 * i)) & 0xF) | (((odd >> (4 * i)) & 0xF) << 4) for i in range(4)]  # byte 4i + j/2
+    packed = torch.stack(planes, dim=2).to(torch.uint8).reshape(4 * n4, k // 2)
+    return packed ^ 0x77  # (7 - v) mod 16 == v ^ 7 on each nibble
 
 
 # ---- per-layer conversion ---------------------------------------------------------------------------------
 
 class _Reader:
-    """Pops the tensors of one nunchaku layer from the state dict, tracking what was used."""
+    """Takes tensors from the state dict, tracking what was used; `consume` removes them (frees memory)."""
 
-    def __init__(self, sd: dict, source: str):
-        self.sd, self.source, self.used = sd, source, set()
+    def __init__(self, sd: dict, source: str, consume: bool = False):
+        self.sd, self.source, self.consume, self.used = sd, source, consume, set()
 
     def get(self, key: str, required=True):
         if key in self.sd:
             self.used.add(key)
-            return self.sd[key]
+            return self.sd.pop(key) if self.consume else self.sd[key]
         if required:
             raise ValueError(f"{self.source}: tensor {key} is missing")
         return None
@@ -217,7 +242,7 @@ def _w4a4_parts(rd: _Reader, prefix: str) -> dict:
     if ws.shape != (k // TILE_K, n):
         raise ValueError(f"{rd.source}: {prefix}.wscales is {tuple(ws.shape)}, expected {(k // TILE_K, n)} for "
                          f"qweight {tuple(q.shape)}")
-    parts = {"q": unpack_w4a4_weight(q, f"{rd.source}: {prefix}.qweight"),
+    parts = {"weight": w4a4_weight_to_lowbit(q, f"{rd.source}: {prefix}.qweight"),
              "wscales": unpack_channels(ws, n, f"{prefix}.wscales").to(dtype),
              "smooth": unpack_channels(rd.any_of(prefix, _ALIASES["smooth"]), k, f"{prefix}.smooth").to(dtype)}
     bias = rd.get(f"{prefix}.bias", required=False)
@@ -240,9 +265,10 @@ def _w4a4_parts(rd: _Reader, prefix: str) -> dict:
 
 def _pack(parts: dict, act_unsigned=False, act_unsigned_from=0) -> W4A4Weights:
     rank = parts["down"].shape[1]
-    return W4A4Weights.pack(parts["q"], parts["wscales"], parts["smooth"],
-                            parts["down"] if rank else None, parts["up"] if rank else None,
-                            parts["bias"], act_unsigned, act_unsigned_from)
+    w = W4A4Weights(parts["weight"], parts["wscales"], parts["smooth"], parts["down"] if rank else None,
+                    parts["up"] if rank else None, parts["bias"], act_unsigned, act_unsigned_from)
+    w.validate()
+    return w
 
 
 def _block_diag(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -261,19 +287,19 @@ def _concat_outputs(a: dict, b: dict, where: str) -> W4A4Weights:
     if not torch.equal(a["smooth"], b["smooth"]):
         raise UnsupportedNunchaku(f"{where}: qkv_proj and mlp_fc1 use different smoothing factors, so they cannot "
                                   f"share one input quantization as linear1")
-    na, nb = a["q"].shape[0], b["q"].shape[0]
+    na, nb = a["weight"].shape[0], b["weight"].shape[0]
     bias = None if a["bias"] is None and b["bias"] is None else torch.cat([_bias_or_zeros(a, na), _bias_or_zeros(b, nb)])
-    return _pack({"q": torch.cat([a["q"], b["q"]]), "wscales": torch.cat([a["wscales"], b["wscales"]], dim=1),
+    return _pack({"weight": torch.cat([a["weight"], b["weight"]]), "wscales": torch.cat([a["wscales"], b["wscales"]], dim=1),
                   "smooth": a["smooth"], "bias": bias, "down": torch.cat([a["down"], b["down"]], dim=1),
                   "up": _block_diag(a["up"], b["up"])})
 
 
 def _concat_inputs(a: dict, b: dict) -> W4A4Weights:
     """linear2 = out_proj(attn) + mlp_fc2(gelu): inputs concatenated along K, the second part unsigned."""
-    ka = a["q"].shape[1]
-    n = a["q"].shape[0]
+    ka = 2 * a["weight"].shape[1]
+    n = a["weight"].shape[0]
     bias = (_bias_or_zeros(a, n).float() + _bias_or_zeros(b, n).float()).to(a["wscales"].dtype)
-    return _pack({"q": torch.cat([a["q"], b["q"]], dim=1), "wscales": torch.cat([a["wscales"], b["wscales"]]),
+    return _pack({"weight": torch.cat([a["weight"], b["weight"]], dim=1), "wscales": torch.cat([a["wscales"], b["wscales"]]),
                   "smooth": torch.cat([a["smooth"], b["smooth"]]), "bias": bias,
                   "down": _block_diag(a["down"], b["down"]), "up": torch.cat([a["up"], b["up"]], dim=1)},
                  act_unsigned=True, act_unsigned_from=ka)
@@ -282,8 +308,8 @@ def _concat_inputs(a: dict, b: dict) -> W4A4Weights:
 def _awq(rd: _Reader, prefix: str, splits: int) -> W4A16Weights:
     qw = rd.get(f"{prefix}.qweight")
     ws, wz, bias = rd.get(f"{prefix}.wscales"), rd.get(f"{prefix}.wzeros"), rd.get(f"{prefix}.bias", required=False)
-    q = unpack_awq_weight(qw, f"{rd.source}: {prefix}.qweight")
-    n, k = q.shape
+    packed = awq_weight_to_lowbit(qw, f"{rd.source}: {prefix}.qweight")
+    n, k = packed.shape[0], packed.shape[1] * 2
     groups = k // 64
     if ws.dim() != 2 or ws.shape[1] != n or ws.shape[0] < groups or wz.shape != ws.shape:
         raise ValueError(f"{rd.source}: {prefix}.wscales/wzeros are {tuple(ws.shape)}/{tuple(wz.shape)}; expected "
@@ -298,14 +324,14 @@ def _awq(rd: _Reader, prefix: str, splits: int) -> W4A16Weights:
     s = deinterleave(ws[:groups].t()).t().float()
     z = deinterleave(wz[:groups].t()).t().float()
     # w = q_u * s + z with q_u in [0, 15]  ==  (7 - q_u) * (-s) + (z + 7 s); z + 7 s is exact for z = -7 s rounded
-    out = W4A16Weights.pack((7 - deinterleave(q)).to(torch.int8), (-s).to(dtype), (z + 7 * s).to(dtype))
+    out = W4A16Weights(deinterleave(packed), (-s).to(dtype), (z + 7 * s).to(dtype))
     if bias is not None:
-        b = deinterleave(bias.float()).reshape(splits, n // splits)
+        b = deinterleave(bias.float()).reshape(splits, n // splits).clone()
         b[1] -= 1  # Nunchaku folds the 1 of (1 + scale) into the scale chunks' bias
         if splits > 3:
             b[splits - 2] -= 1
         out.bias = b.reshape(n).to(dtype)
-        out.validate(prefix)
+    out.validate(prefix)
     return out
 
 
@@ -316,11 +342,12 @@ def _count(keys, prefix: str) -> int:
     return len(idx)
 
 
-def convert_state_dict(sd: dict, metadata: dict | None = None, source: str = "checkpoint"):
-    """Nunchaku FLUX state dict -> (lowbit tensors with BFL names, {layer: packed.config()}, flux config)."""
+def convert_state_dict(sd: dict, metadata: dict | None = None, source: str = "checkpoint", consume: bool = False):
+    """Nunchaku FLUX state dict -> (lowbit tensors with BFL names, {layer: packed.config()}, flux config).
+    consume: remove the source tensors from `sd` as they are converted (lower peak memory)."""
     metadata = metadata or {}
     check_supported(metadata, {k: str(v.dtype).replace("torch.float8", "F8") for k, v in sd.items()}, source)
-    rd = _Reader(sd, source)
+    rd = _Reader(sd, source, consume)
     tensors, layers = {}, {}
 
     def put(name, packed):
@@ -398,11 +425,11 @@ def read_nunchaku(path: str) -> tuple[dict, dict]:
 def load_nunchaku(path: str) -> tuple[dict, CheckpointInfo]:
     """(lowbit state dict, CheckpointInfo) for a Nunchaku INT4 FLUX file, converted in memory."""
     sd, meta = read_nunchaku(path)
-    tensors, layers, config = convert_state_dict(sd, meta, source=os.fspath(path))
+    tensors, layers, config = convert_state_dict(sd, meta, source=os.fspath(path), consume=True)
     return tensors, CheckpointInfo(os.fspath(path), "flux", FORMAT_VERSION, layers, config,
                                    {"lowbit.source": f"nunchaku:{os.path.basename(path)}"})
 
 
 __all__ = ["SUPPORTED", "UnsupportedNunchaku", "is_nunchaku", "check_supported", "convert_state_dict",
-           "read_nunchaku", "load_nunchaku", "unpack_w4a4_weight", "unpack_channels", "unpack_lowrank",
+           "read_nunchaku", "load_nunchaku", "w4a4_weight_to_lowbit", "awq_weight_to_lowbit", "unpack_w4a4_weight", "unpack_channels", "unpack_lowrank",
            "unpack_awq_weight"]

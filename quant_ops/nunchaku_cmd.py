@@ -22,7 +22,7 @@ def run(args) -> int:
     if os.path.exists(args.output) and not args.force:  # fail before the (long) read
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     sd, meta = read_nunchaku(args.input)
-    tensors, layers, config = convert_state_dict(sd, meta, source=args.input)
+    tensors, layers, config = convert_state_dict(sd, meta, source=args.input, consume=True)
     extra = {"lowbit.source": f"nunchaku:{os.path.basename(args.input)}"}
     if "quantization_config" in meta:
         extra["lowbit.args"] = json.dumps({"nunchaku_quantization_config": json.loads(meta["quantization_config"])})

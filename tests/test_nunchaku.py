@@ -153,7 +153,8 @@ def test_newer_tensor_names(tiny):
         layer, _, end = k.rpartition(".")
         sd[f"{layer}.{new.get(end, end)}"] = v
     assert any(k.endswith(".smooth_factor") for k in sd)
-    tensors, layers, _ = nunchaku.convert_state_dict(sd, nl.metadata())
+    tensors, layers, _ = nunchaku.convert_state_dict(sd, nl.metadata(), consume=True)
+    assert not sd  # consume=True hands every source tensor over
     assert layers == tiny["layers"]
     assert all(torch.equal(tensors[k], v) for k, v in tiny["tensors"].items())
 
