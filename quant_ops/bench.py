@@ -1,0 +1,398 @@
+"""`lowbit bench`: latency of the lowbit layers and of a whole FLUX transformer against BF16 (and FP8).
+
+Per layer: every FLUX.1-dev linear shape at several token counts M; each lowbit row times the whole
+layer as the model runs it (activation quantization + low-rank branch + GEMM). Whole model: one forward
+of a FLUX.1-dev-shaped transformer with seeded random weights at 1024x1024 (4096 + 512 tokens).
+GPU timings use CUDA events (warm-up, then the median of `runs` runs); CPU timings use perf_counter.
+`--small` shrinks everything so the harness runs anywhere (the reference kernels on CPU).
+"""
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from .formats import TernaryWeights, W4A4Weights, W4A16Weights
+from .linear import module_from_packed
+
+FLUX_DEV_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+                       num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000,
+                       qkv_bias=True, guidance_embed=True)
+SMALL_CONFIG = dict(FLUX_DEV_CONFIG, context_in_dim=256, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
+
+LAYER_FORMATS = ("w4a4", "w4a16", "ternary", "ternary_int8")
+MODEL_FORMATS = ("bf16", "svdq_w4a4", "ternary")
+FULL_MS = (1, 256, 4608, 9216)
+SMALL_MS = (1, 64)
+RANK = 32
+
+
+def layer_shapes(hidden: int = 3072, mlp_ratio: float = 4.0) -> list:
+    """[(name, N, K, block)] of the FLUX linears; block=False for the modulation layers (W4A16 in the model,
+    one token per sample), which are listed but left out of the geometric means."""
+    h, m = hidden, int(hidden * mlp_ratio)
+    return [("attn.qkv", 3 * h, h, True), ("attn.proj", h, h, True), ("mlp.0", m, h, True), ("mlp.2", h, m, True),
+            ("linear1", 3 * h + m, h, True), ("linear2", h, h + m, True),
+            ("mod.double", 6 * h, h, False), ("mod.single", 3 * h, h, False)]
+
+
+# ---- timing -----------------------------------------------------------------------------------------------
+
+
+def time_ms(fn, device: torch.device, warmup: int, runs: int) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            for _ in range(runs):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+           "backend": kernels.backend_for(device).__name__.rsplit(".", 1)[-1],
+           "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:  # not installed, or no usable backend
+        env["triton"] = None
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["capability"] = "sm_%d%d" % torch.cuda.get_device_capability(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = None
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def has_fp8(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+# ---- per-layer --------------------------------------------------------------------------------------------
+
+
+def random_layer(fmt: str, n: int, k: int, rank: int, device, unsigned=False, seed=0, dtype=torch.bfloat16):
+    """A lowbit module with random packed tensors of the right shapes (timing only: no quantizer run)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, device=device)).to(dtype)
+
+    def ints(lo, hi, *shape):
+        return torch.randint(lo, hi, shape, generator=g, device=device, dtype=torch.int8)
+
+    lr = dict(proj_down=randn(k, rank, scale=k ** -0.5), proj_up=randn(n, rank, scale=rank ** -0.5)) if rank else {}
+    bias = randn(n, scale=0.02)
+    if fmt == "w4a4":
+        p = W4A4Weights.pack(ints(-8, 8, n, k), randn(k // 64, n, scale=0.01).abs(), torch.ones(k, dtype=dtype, device=device),
+                             bias=bias, act_unsigned=unsigned, **lr)
+    elif fmt == "w4a16":
+        p = W4A16Weights.pack(ints(-8, 8, n, k), randn(k // 64, n, scale=0.01).abs(), None, bias)
+    elif fmt in ("ternary", "ternary_int8"):
+        p = TernaryWeights.pack(ints(-1, 2, n, k), randn(n, scale=0.01).abs(), bias=bias,
+                                act_int8=fmt == "ternary_int8", **lr)
+    else:
+        raise ValueError(f"unknown layer format {fmt!r}, expected one of {LAYER_FORMATS}")
+    return module_from_packed(p)
+
+
+def _fp8_linear(w: torch.Tensor, b: torch.Tensor):
+    """Row-wise FP8 (e4m3) linear with dynamic per-token activation scales through torch._scaled_mm.
+    M is padded to a multiple of 16 (a _scaled_mm requirement)."""
+    f8 = torch.float8_e4m3fn
+    fmax = torch.finfo(f8).max
+    ws = w.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / fmax
+    wq = (w.float() / ws).to(f8)
+    ws = ws.t().contiguous()  # (1, N)
+
+    fused_bias = [True]
+
+    def run(x):
+        m = x.shape[0]
+        if m % 16:
+            x = F.pad(x, (0, 0, 0, 16 - m % 16))
+        xs = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / fmax
+        xq = (x.float() / xs).to(f8)
+        if fused_bias[0]:
+            try:
+                return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=torch.bfloat16)[:m]
+            except RuntimeError:  # builds without a fused bias for row-wise scales
+                fused_bias[0] = False
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)[:m] + b
+
+    return run
+
+
+def bench_layers(device, ms, formats, shapes, warmup, runs, rank=RANK, log=print) -> list:
+    """Rows {shape, n, k, m, block, impl, ms | error}; impl in bf16, fp8 (when available) and `formats`."""
+    rows = []
+    fp8 = has_fp8(device)
+    for si, (name, n, k, block) in enumerate(shapes):
+        g = torch.Generator(device=device).manual_seed(si)
+        w = (torch.randn(n, k, generator=g, device=device) * k ** -0.5).to(torch.bfloat16)
+        b = (0.02 * torch.randn(n, generator=g, device=device)).to(torch.bfloat16)
+        impls = {"bf16": lambda x: F.linear(x, w, b)}
+        if fp8:
+            try:
+                impls["fp8"] = _fp8_linear(w, b)
+            except Exception as e:  # noqa: BLE001 - an unsupported torch build is reported, not fatal
+                rows.append(dict(shape=name, n=n, k=k, m=None, block=block, impl="fp8", error=repr(e)))
+        for fmt in formats:
+            impls[fmt] = random_layer(fmt, n, k, rank, device, unsigned=name == "mlp.2", seed=si)
+        for m in ms:
+            x = torch.randn(m, k, generator=g, device=device).to(torch.bfloat16)
+            if name == "mlp.2":
+                x = F.gelu(x, approximate="tanh")
+            for impl, fn in impls.items():
+                row = dict(shape=name, n=n, k=k, m=m, block=block, impl=impl)
+                try:
+                    row["ms"] = time_ms(lambda: fn(x), device, warmup, runs)
+                except Exception as e:  # noqa: BLE001 - record and go on; the table shows it
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                rows.append(row)
+                log(f"  {name:11s} N={n:6d} K={k:6d} M={m:5d} {impl:13s} "
+                    + (f"{row['ms']:9.4f} ms" if "ms" in row else row["error"]))
+        del impls, w, b
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def speedups(rows: list) -> tuple[list, dict]:
+    """Adds speedup_vs_bf16 / speedup_vs_fp8 (= baseline ms / ms, > 1 is faster) to the lowbit rows and
+    returns (rows, geomean) with geomean[impl][m] over the block shapes."""
+    base = {(r["shape"], r["m"], r["impl"]): r["ms"] for r in rows if "ms" in r and r["impl"] in ("bf16", "fp8")}
+    acc = {}
+    for r in rows:
+        if "ms" not in r or r["impl"] in ("bf16", "fp8"):
+            continue
+        for ref in ("bf16", "fp8"):
+            t = base.get((r["shape"], r["m"], ref))
+            if t:
+                r[f"speedup_vs_{ref}"] = t / r["ms"]
+                if r["block"]:
+                    acc.setdefault(r["impl"], {}).setdefault(r["m"], {}).setdefault(ref, []).append(t / r["ms"])
+    geo = {impl: {str(m): {f"vs_{ref}": math.exp(sum(map(math.log, v)) / len(v)) for ref, v in d.items()}
+                  for m, d in per_m.items()} for impl, per_m in acc.items()}
+    return rows, geo
+
+
+# ---- whole model ------------------------------------------------------------------------------------------
+
+
+def bench_model(device, config, formats, tokens_hw, txt_len, warmup, runs, rank=RANK, seed=0, log=print) -> list:
+    """One forward per format of a seeded random FLUX. Quantized models are built layer by layer (never a
+    full 16-bit copy) and quantize only the first layer of each shape, reusing its packed tensors
+    (copied) for the others: timings and memory are real, outputs are not meaningful."""
+    from .flux_model import make_inputs, quantize_fn, random_flux, weight_bytes
+
+    rows = []
+    inputs = make_inputs(config, height=tokens_hw[0], width=tokens_hw[1], txt_len=txt_len, seed=seed, device=device)
+    for fmt in formats:
+        row = {"format": fmt, "tokens": tokens_hw[0] * tokens_hw[1] + txt_len}
+        model = None
+        try:
+            t0 = time.time()
+            q = None if fmt == "bf16" else quantize_fn(fmt, rank, reuse_per_shape=True, iters=1)
+            model = random_flux(config, seed=seed, dtype=torch.bfloat16, device=device, quantize=q)
+            row["build_s"] = time.time() - t0
+            row["weight_bytes"] = weight_bytes(model)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+                before = torch.cuda.memory_allocated(device)
+            row["ms"] = time_ms(lambda: model(**inputs), device, warmup, runs)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                with torch.no_grad():
+                    model(**inputs)
+                torch.cuda.synchronize(device)
+                row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+                row["activation_peak_bytes"] = row["peak_bytes"] - before
+            else:
+                row["peak_bytes"] = None
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: reported in the table
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        log(f"  model {fmt:10s} " + (f"{row['ms']:10.2f} ms  weights {row['weight_bytes'] / 1e9:.3f} GB"
+                                     if "ms" in row else row["error"]))
+        rows.append(row)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = next((r for r in rows if r["format"] == "bf16" and "ms" in r), None)
+    for r in rows:
+        if base and "ms" in r:
+            r["latency_ratio_to_bf16"] = r["ms"] / base["ms"]
+            r["weight_ratio_to_bf16"] = r["weight_bytes"] / base["weight_bytes"]
+            if r.get("peak_bytes") and base.get("peak_bytes"):
+                r["peak_ratio_to_bf16"] = r["peak_bytes"] / base["peak_bytes"]
+    return rows
+
+
+# ---- report -----------------------------------------------------------------------------------------------
+
+
+def _fmt_ms(r):
+    return f"{r['ms']:.4f}" if "ms" in r else "error"
+
+
+def markdown(result: dict) -> str:
+    env = result["env"]
+    hw = env.get("gpu") or f"CPU ({env.get('cpu')}, {env.get('threads')} threads)"
+    lines = [f"# lowbit bench{' (--small)' if result['small'] else ''}", "",
+             f"{hw}; torch {env['torch']}; triton {env['triton']}; kernels: {env['backend']}; {env['time_utc']}", "",
+             *[f"- {n}" for n in result["notes"]], ""]
+    rows = result["layers"]
+    if rows:
+        impls = list(dict.fromkeys(r["impl"] for r in rows if r["m"] is not None))
+        lowbit = [i for i in impls if i not in ("bf16", "fp8")]
+        lines += ["## Layers (median ms; x = speedup vs BF16, > 1 is faster)", "",
+                  "| layer | N | K | M | " + " | ".join(impls) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(impls)]
+        table = {(r["shape"], r["m"], r["impl"]): r for r in rows if r["m"] is not None}
+        for (shape, m) in dict.fromkeys((r["shape"], r["m"]) for r in rows if r["m"] is not None):
+            any_row = table[next(k for k in table if k[:2] == (shape, m))]
+            cells = []
+            for i in impls:
+                r = table.get((shape, m, i))
+                cell = "-" if r is None else _fmt_ms(r)
+                if r is not None and "speedup_vs_bf16" in r:
+                    cell += f" ({r['speedup_vs_bf16']:.2f}x)"
+                cells.append(cell)
+            lines.append(f"| {shape} | {any_row['n']} | {any_row['k']} | {m} | " + " | ".join(cells) + " |")
+        geo = result["geomean"]
+        if geo:
+            ms = sorted({int(m) for d in geo.values() for m in d})
+            lines += ["", "## Geometric mean speedup over the block shapes (modulation excluded)", "",
+                      "| format | " + " | ".join(f"M={m} vs BF16" + (f" | M={m} vs FP8" if any(
+                          "vs_fp8" in geo[i].get(str(m), {}) for i in geo) else "") for m in ms) + " |"]
+            ncols = sum(1 + any("vs_fp8" in geo[i].get(str(m), {}) for i in geo) for m in ms)
+            lines.append("|---|" + "---:|" * ncols)
+            for impl in lowbit:
+                if impl not in geo:
+                    continue
+                cells = []
+                for m in ms:
+                    d = geo[impl].get(str(m), {})
+                    cells.append(f"{d['vs_bf16']:.2f}x" if "vs_bf16" in d else "-")
+                    if any("vs_fp8" in geo[i].get(str(m), {}) for i in geo):
+                        cells.append(f"{d['vs_fp8']:.2f}x" if "vs_fp8" in d else "-")
+                lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+        errors = [r for r in rows if "error" in r]
+        if errors:
+            lines += ["", "Errors: " + "; ".join(f"{r['shape']} M={r['m']} {r['impl']}: {r['error']}" for r in errors[:8])]
+    if result["model"]:
+        lines += ["", f"## Whole transformer, one forward ({result['model'][0]['tokens']} tokens)", "",
+                  "| format | ms | latency / BF16 | weights GB | weights / BF16 | peak allocated GB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in result["model"]:
+            if "ms" not in r:
+                lines.append(f"| {r['format']} | error: {r['error']} | | | | |")
+                continue
+            peak = "n/a" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 1e9:.2f}"
+            lines.append(f"| {r['format']} | {r['ms']:.2f} | {r.get('latency_ratio_to_bf16', float('nan')):.2f} | "
+                         f"{r['weight_bytes'] / 1e9:.3f} | {r.get('weight_ratio_to_bf16', float('nan')):.3f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".lowbit-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_results(result: dict, out_dir: str, force: bool = False) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.md")
+    for p in paths:
+        if os.path.exists(p) and not force:
+            raise FileExistsError(f"{p} exists; pass --force to overwrite it")
+    _write_atomic(paths[0], json.dumps(result, indent=1) + "\n")
+    _write_atomic(paths[1], markdown(result))
+    return paths
+
+
+def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_formats=MODEL_FORMATS,
+              warmup=None, runs=None, rank=RANK, layers=True, model=True, seed=0, log=print) -> dict:
+    """Run the benchmark and return the result dict (see write_results / markdown)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine; use --device cpu --small")
+    if device.type != "cuda" and not small:
+        raise ValueError(f"the full benchmark (FLUX.1-dev shapes, 12B-parameter model) needs a CUDA GPU; "
+                         f"on {device} run it with --small")
+    for f in formats:
+        if f not in LAYER_FORMATS:
+            raise ValueError(f"unknown layer format {f!r}, expected some of {LAYER_FORMATS}")
+    for f in model_formats:
+        if f not in MODEL_FORMATS:
+            raise ValueError(f"unknown model format {f!r}, expected some of {MODEL_FORMATS}")
+    config = SMALL_CONFIG if small else FLUX_DEV_CONFIG
+    ms = tuple(ms or (SMALL_MS if small else FULL_MS))
+    warmup = (1 if small else 5) if warmup is None else warmup
+    runs = (3 if small else 20) if runs is None else runs
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    env = environment(device)
+    notes = [f"median of {runs} runs after {warmup} warm-up runs"
+             + (" (CUDA events)" if device.type == "cuda" else " (perf_counter)"),
+             f"lowbit layers include activation quantization and the rank-{rank} low-rank branch (w4a16: none); "
+             "packed tensors are random (no quantizer run)",
+             "w4a4 = SVDQuant W4A4 (mlp.2 with unsigned activations), w4a16 = int4 weights / 16-bit activations "
+             "(group 64), ternary = 1.58-bit weights / 16-bit activations, ternary_int8 = with int8 activations"]
+    if has_fp8(device):
+        notes.append("fp8 = e4m3 row-wise torch._scaled_mm including the dynamic per-token activation "
+                     "quantization; M padded to a multiple of 16")
+    else:
+        notes.append("fp8: not measured (needs a CUDA GPU with sm_89 or newer)")
+    result = {"version": 1, "small": small, "env": env, "config": config, "rank": rank, "notes": notes,
+              "layers": [], "geomean": {}, "model": []}
+    if layers:
+        log(f"layers on {env.get('gpu') or device} (kernels: {env['backend']})")
+        shapes = layer_shapes(config["hidden_size"], config["mlp_ratio"])
+        rows, geo = speedups(bench_layers(device, ms, formats, shapes, warmup, runs, rank, log))
+        result["layers"], result["geomean"] = rows, geo
+    if model:
+        hw, txt = ((8, 8), 16) if small else ((64, 64), 512)
+        result["notes"].append(f"whole model: {'reduced' if small else 'FLUX.1-dev-shaped'} transformer "
+                               f"(hidden {config['hidden_size']}, {config['depth']}+{config['depth_single_blocks']} "
+                               f"blocks), seeded random weights, batch 1, {hw[0] * hw[1]} image + {txt} text tokens; "
+                               "quantized models quantize one layer per distinct shape (quick data-free fit) and "
+                               "reuse copies of its packed tensors, so outputs are not meaningful; modulation "
+                               "layers are w4a16 in quantized models")
+        log(f"whole transformer ({hw[0] * hw[1] + txt} tokens)")
+        result["model"] = bench_model(device, config, model_formats, hw, txt, warmup if small else 2,
+                                      runs, rank, seed, log)
+    return result

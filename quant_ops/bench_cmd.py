@@ -1,0 +1,64 @@
+"""`lowbit bench`: layer and whole-model latency vs BF16 / FP8 (see quant_ops/bench.py)."""
+import sys
+
+from .bench import LAYER_FORMATS, MODEL_FORMATS, RANK
+
+
+def _csv(kind, allowed=None):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if allowed is not None:
+            bad = [t for t in items if t not in allowed]
+            if bad:
+                raise ValueError(f"{bad[0]!r}")
+        return [kind(t) for t in items]
+    return parse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the lowbit layers and a whole FLUX transformer against BF16",
+                       description="Latency of every FLUX.1-dev linear shape (W4A4, W4A16, ternary, ternary with "
+                                   "int8 activations, each with its activation quantization and low-rank branch) "
+                                   "against F.linear BF16 and row-wise FP8, and of one forward of a FLUX.1-dev-shaped "
+                                   "transformer (random weights) at 1024x1024. Needs a CUDA GPU unless --small.")
+    p.add_argument("--small", action="store_true",
+                   help="reduced shapes and model (hidden 256), a few runs: runs anywhere (CPU: reference kernels)")
+    p.add_argument("--out", metavar="DIR", default=None, help="write DIR/bench.json and DIR/bench.md")
+    p.add_argument("--force", action="store_true", help="overwrite existing bench.json / bench.md in --out")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--m", type=_csv(int), default=None, metavar="M,M,...",
+                   help="token counts for the layer benchmark (default 1,256,4608,9216; --small: 1,64)")
+    p.add_argument("--formats", type=_csv(str, LAYER_FORMATS), default=list(LAYER_FORMATS), metavar="F,F,...",
+                   help=f"layer formats (default {','.join(LAYER_FORMATS)})")
+    p.add_argument("--model-formats", type=_csv(str, MODEL_FORMATS), default=list(MODEL_FORMATS), metavar="F,F,...",
+                   help=f"whole-model formats (default {','.join(MODEL_FORMATS)})")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per measurement, median reported (default 20; --small 3)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 5; --small 1)")
+    p.add_argument("--rank", type=int, default=RANK, help=f"low-rank branch rank (default {RANK})")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
+    p.add_argument("--no-model", action="store_true", help="skip the whole-transformer benchmark")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import os
+
+    from .bench import markdown, run_bench, write_results
+
+    if args.out and not args.force:  # fail before a long run, not after it
+        for name in ("bench.json", "bench.md"):
+            if os.path.exists(os.path.join(args.out, name)):
+                raise FileExistsError(f"{os.path.join(args.out, name)} exists; pass --force to overwrite it")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    result = run_bench(device=args.device, small=args.small, ms=args.m, formats=args.formats,
+                       model_formats=args.model_formats, warmup=args.warmup, runs=args.runs, rank=args.rank,
+                       layers=not args.no_layers, model=not args.no_model, seed=args.seed, log=log)
+    if args.out:
+        for path in write_results(result, args.out, force=args.force):
+            log(f"wrote {path}")
+    print(markdown(result), end="")
+    return 0

@@ -1,0 +1,75 @@
+"""`lowbit bench --small` on CPU: the harness runs and writes well-formed JSON / Markdown (no timing asserts)."""
+import json
+import math
+
+import pytest
+import torch
+
+from comfyui_lowbit import cli
+from comfyui_lowbit.quant_ops.bench import LAYER_FORMATS, MODEL_FORMATS, layer_shapes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # MKL SVD is far slower with 2 threads on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["bench", "--small", "--device", "cpu", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def test_json_structure(bench_out):
+    r = json.loads((bench_out / "bench.json").read_text())
+    assert r["small"] is True and r["env"]["device"] == "cpu" and r["env"]["torch"] == torch.__version__
+    assert r["env"]["backend"] == "reference" and "triton" in r["env"] and r["notes"]
+    shapes = layer_shapes(r["config"]["hidden_size"])
+    impls = {"bf16", *LAYER_FORMATS}  # no fp8 on CPU
+    keys = {(row["shape"], row["m"], row["impl"]) for row in r["layers"]}
+    assert keys == {(s[0], m, i) for s in shapes for m in (1, 64) for i in impls}
+    for row in r["layers"]:
+        assert "error" not in row, row
+        assert _positive(row["ms"])
+        if row["impl"] != "bf16":
+            assert _positive(row["speedup_vs_bf16"]) and "speedup_vs_fp8" not in row
+    assert set(r["geomean"]) == set(LAYER_FORMATS)
+    for per_m in r["geomean"].values():
+        assert set(per_m) == {"1", "64"} and all(_positive(d["vs_bf16"]) for d in per_m.values())
+    model = {row["format"]: row for row in r["model"]}
+    assert set(model) == set(MODEL_FORMATS)
+    for fmt, row in model.items():
+        assert "error" not in row, row
+        assert _positive(row["ms"]) and _positive(row["weight_bytes"]) and _positive(row["latency_ratio_to_bf16"])
+        assert row["peak_bytes"] is None  # not measured on CPU
+    assert model["bf16"]["latency_ratio_to_bf16"] == 1.0
+    assert model["ternary"]["weight_bytes"] < model["svdq_w4a4"]["weight_bytes"] < model["bf16"]["weight_bytes"]
+
+
+def test_markdown(bench_out):
+    md = (bench_out / "bench.md").read_text()
+    assert md.startswith("# lowbit bench (--small)")
+    assert "| layer | N | K | M | bf16 | w4a4 | w4a16 | ternary | ternary_int8 |" in md
+    assert "| attn.qkv | 768 | 256 | 64 |" in md and "## Geometric mean speedup" in md
+    assert "## Whole transformer" in md and "| svdq_w4a4 |" in md and "error" not in md
+
+
+def test_refuses_overwrite_and_full_run_on_cpu(bench_out, capsys):
+    assert cli.main(["bench", "--small", "--device", "cpu", "--out", str(bench_out), "--no-model",
+                     "--m", "1", "--formats", "w4a16", "--runs", "1", "--warmup", "0"]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--no-model"]) == 1
+    assert "--small" in capsys.readouterr().err
