@@ -60,9 +60,13 @@ def run_quantize(args) -> int:
     try:
         s = quantize_file(args.input, args.output, args.format, rank=rank, calib=args.calib, progress=progress,
                           force=args.force, device=args.device, group_size=args.group_size)
-    finally:
-        if bar is not None:
+    except BaseException:
+        if bar is not None:  # clear the bar so that the error is the one line left
+            bar.leave = False
             bar.close()
+        raise
+    if bar is not None:
+        bar.close()
     counts = ", ".join(f"{n} {f}" for f, n in sorted(s["layer_counts"].items()))
     print(f"{s['dst']}: {s['model']} ({counts} layers); input {_gb(s['input_bytes'])}, output "
           f"{_gb(s['output_bytes'])}, {s['ratio']:.2f}x smaller; {s['seconds']:.1f} s")

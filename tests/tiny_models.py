@@ -21,6 +21,7 @@ TINY_FLUX_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=TINY_T5_C
                         hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
                         axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True)
 OUTLIER_COLUMNS = 3
+TAIL_DOF = 6  # Student-t degrees of freedom: heavier tails than Gaussian, milder than real outliers
 
 
 def _value(name: str, shape, g: torch.Generator) -> torch.Tensor:
@@ -30,10 +31,10 @@ def _value(name: str, shape, g: torch.Generator) -> torch.Tensor:
         return 0.02 * torch.randn(shape, generator=g)
     n, k = shape
     z = torch.randn(n, k, generator=g)
-    chi2 = sum(torch.randn(n, k, generator=g) ** 2 for _ in range(3)) / 3
-    w = z / chi2.sqrt() / k ** 0.5
+    chi2 = sum(torch.randn(n, k, generator=g) ** 2 for _ in range(TAIL_DOF)) / TAIL_DOF
+    w = z / chi2.sqrt() * ((TAIL_DOF - 2) / TAIL_DOF / k) ** 0.5  # unit-variance Student-t, / sqrt(fan_in)
     cols = torch.randperm(k, generator=g)[:OUTLIER_COLUMNS]
-    w[:, cols] *= 4.0
+    w[:, cols] *= 3.0
     return w
 
 
