@@ -384,6 +384,9 @@ def convert_state_dict(sd: dict, metadata: dict | None = None, source: str = "ch
     if unused:
         raise ValueError(f"{source}: {len(unused)} tensors have no FLUX counterpart, e.g. {unused[:3]}")
     config = flux.infer_config({k: tuple(v.shape) for k, v in tensors.items()})
+    out_ch = tensors["final_layer.linear.weight"].shape[0] if "final_layer.linear.weight" in tensors else None
+    if out_ch is not None and out_ch != config["in_channels"]:  # FLUX.1 Fill / Depth / Canny: wider img_in
+        config["out_channels"] = out_ch
     _check_config(config, metadata, source)
     return tensors, layers, config
 
