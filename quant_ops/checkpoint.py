@@ -47,7 +47,8 @@ def read_info(path: str) -> CheckpointInfo:
     """The lowbit metadata of `path`; NotALowbitCheckpoint names the file and what was found instead."""
     meta = _read_metadata(path)
     if META_VERSION not in meta:
-        found = "nunchaku metadata" if any(k in meta for k in ("quantization_config", "comfy_config")) else \
+        found = "Nunchaku metadata: convert it with `lowbit convert-nunchaku`" \
+            if any(k in meta for k in ("quantization_config", "comfy_config")) else \
             f"metadata keys {sorted(meta)[:5]}" if meta else "no metadata"
         raise NotALowbitCheckpoint(f"{path}: not a lowbit checkpoint ({found}; expected '{META_VERSION}' "
                                    f"in the safetensors metadata - make one with `lowbit quantize`)")

@@ -377,3 +377,8 @@ def test_mixed_signedness_on_the_triton_backend(tiny):
     finally:
         kernels.set_backend(None)
     torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-3)
+
+
+def test_inspect_points_to_convert_nunchaku(nunchaku_file, capsys):
+    assert cli.main(["inspect", nunchaku_file]) == 1
+    assert "lowbit convert-nunchaku" in capsys.readouterr().err
