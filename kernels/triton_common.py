@@ -93,16 +93,14 @@ def load_ternary(w_ptr, offs_k, offs_n, K, N):
 def lowrank_bias(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R,
                  HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc + lr @ proj_up^T (16-bit operands, float32 sum) + bias, as reference._epilogue."""
-    if HAS_LR:
-        lacc = tl.zeros(acc.shape, tl.float32)
+    if HAS_LR:  # accumulated straight into acc (no second accumulator tile: register pressure)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             a = tl.load(lr_ptr + offs_m[:, None] * R + offs_r[None, :],
                         mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
             b = tl.load(up_ptr + offs_n[None, :] * R + offs_r[:, None],
                         mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-            lacc = dot16(a, b, lacc)
-        acc = acc + lacc
+            acc = dot16(a, b, acc)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return acc
