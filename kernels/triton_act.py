@@ -116,6 +116,8 @@ def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
     r = 0 if proj_down is None else proj_down.shape[1]
     lr = None if proj_down is None else torch.empty(m, r, dtype=proj_down.dtype, device=x.device)
     down = None if proj_down is None else proj_down.contiguous()
+    if m == 0:
+        return q, s, lr
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
     _act_int4_kernel[grid](x, x if smooth is None else smooth.contiguous(), x if down is None else down, q, s,
                            q if lr is None else lr, m, k, r, m_bucket(m), HAS_SMOOTH=smooth is not None,
@@ -132,6 +134,8 @@ def _act_int8(x, proj_down, quant):
     r = 0 if proj_down is None else proj_down.shape[1]
     lr = None if proj_down is None else torch.empty(m, r, dtype=proj_down.dtype, device=x.device)
     down = None if proj_down is None else proj_down.contiguous()
+    if m == 0:
+        return q, s, lr
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
     _act_int8_kernel[grid](x, x if down is None else down, x if q is None else q, x if s is None else s,
                            x if lr is None else lr, m, k, r, m_bucket(m), QUANT=quant, HAS_LR=down is not None,

@@ -40,6 +40,8 @@ def ternary_int8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias
     lr, proj_up = check_rank(lr, proj_up, "ternary_int8_gemm")
     r = 0 if lr is None else lr.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
+    if m == 0 or n == 0:
+        return out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _ternary_int8_kernel[grid](qx.contiguous(), xscales.float().contiguous(), qweight.contiguous(), wscales.contiguous(),
                                out if lr is None else lr, out if proj_up is None else proj_up,

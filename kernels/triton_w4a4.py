@@ -58,6 +58,8 @@ def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, o
     lr, proj_up = check_rank(lr, proj_up, "w4a4_gemm")
     r = 0 if lr is None else lr.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
+    if m == 0 or n == 0:
+        return out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _w4a4_kernel[grid](qx.contiguous(), ascales.float().contiguous(), qweight.contiguous(), wscales.contiguous(),
                        out if lr is None else lr, out if proj_up is None else proj_up,

@@ -79,6 +79,8 @@ def _launch(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype, ternary, 
     r = 0 if lr is None else lr.shape[1]
     atomic = m <= SMALL_M
     out = torch.empty(m, n, dtype=torch.float32 if atomic else out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.to(out_dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
     (_small if atomic else _large)[grid](
         x.to(wscales.dtype).contiguous(), qweight.contiguous(), wscales.contiguous(), out if wzeros is None else wzeros.contiguous(),

@@ -144,6 +144,16 @@ def test_ternary_int8_gemm(dtype, m, n, k, rank):
           ref.ternary_int8_gemm(q, s, tw, ws, lr, up, bias, out_dtype=dtype))
 
 
+def test_empty_batch():
+    g = gen(9)
+    x = rand(0, 128, dtype=torch.bfloat16, g=g)
+    q, s, lr = triton_ops.quantize_act_int4(x, None, rand(128, 16, dtype=torch.bfloat16, g=g))
+    assert q.shape == (0, 128) and s.shape == (0, 2) and lr.shape == (0, 16)
+    qw, ws = int4_weight(32, 128, g), rand(2, 32, dtype=torch.bfloat16, g=g)
+    assert triton_ops.w4a4_gemm(q, s, qw, ws).shape == (0, 32)
+    assert triton_ops.w4a16_gemm(x, qw, ws).shape == (0, 32)
+
+
 def test_rank_checks():
     g = gen(7)
     qx, s = torch.zeros(2, 64, dtype=torch.int8, device=DEV), torch.ones(2, 1, device=DEV)
