@@ -223,6 +223,67 @@ def _run(mp):
         mp.unpatch_model()
 
 
+def _float_flux(comfy, mp, weights):
+    """A float32 ComfyUI Flux with mp's 16-bit tensors (as patched now) and `weights` {path: (W, b)} for the
+    quantized layers."""
+    import comfy.ldm.flux.model
+
+    flux = comfy.ldm.flux.model.Flux(operations=comfy.ops.manual_cast, dtype=torch.float32, **TINY)
+    src = mp.model.diffusion_model.state_dict()
+    sd = {}
+    for k in flux.state_dict():
+        path, _, name = k.rpartition(".")
+        if f"diffusion_model.{path}" in weights:
+            w, b = weights[f"diffusion_model.{path}"]
+            sd[k] = w if name == "weight" else b
+        else:
+            sd[k] = src[k].float()
+    flux.load_state_dict(sd)
+    return flux
+
+
+def _forward(model):
+    with torch.no_grad():
+        return model(**_inputs()).float()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def base_error(comfy, models):
+    """(relative output error of the lowbit model against its dequantized float self, {path: (W, b)})."""
+    _, mpq, _ = models
+    base_w = {p: (m.dequantize(), m.float_bias()) for p, m in _lowbit(mpq).items()}
+    mpq.patch_model()
+    try:
+        return _rel(_forward(mpq.model.diffusion_model), _forward(_float_flux(comfy, mpq, base_w))), base_w
+    finally:
+        mpq.unpatch_model()
+
+
+@pytest.mark.parametrize("fmt", ["bfl", "kohya", "diffusers"])
+def test_lowbit_with_lora_matches_dequantized_model_with_float_merge(comfy, models, base_error, fmt):
+    """Model level: lowbit + LoRA against the dequantized model with the LoRA merged in float32 (ComfyUI's
+    calculate_weight), within the quantization error the base lowbit model has against its dequantized self."""
+    _, mpq, _ = models
+    e0, base_w = base_error
+    lq, _ = comfy.sd.load_lora_for_models(mpq, None, make_lora(fmt, seed=6), 0.8, 0)
+    merged = {}
+    for p, (w, b) in base_w.items():
+        key = f"{p}.weight"
+        merged[p] = (w + _comfy_delta(comfy, lq.patches[key], key, w.shape).float() if key in lq.patches else w, b)
+    lq.patch_model()
+    try:
+        out_q, out_f = _forward(lq.model.diffusion_model), _forward(_float_flux(comfy, lq, merged))
+    finally:
+        lq.unpatch_model()
+    e1 = _rel(out_q, out_f)
+    print(f"{fmt}: lowbit vs dequantized float model: base {e0:.4f}, with LoRA {e1:.4f} (relative L2 of the output)")
+    assert e1 < 1.2 * e0 + 0.01
+
+
 def test_strength_change_and_removal_move_output_like_16bit(comfy, models):
     mp16, mpq, _ = models
     q = _lowbit(mpq)
