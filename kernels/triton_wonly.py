@@ -19,8 +19,10 @@ def _zero_out(nargs):
     nargs["out_ptr"].zero_()
 
 
-_SMALL = [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "GROUP_M": 1, "num_warps": 4,
-           "num_stages": 4, "pre_hook": _zero_out} for bn in (32, 64, 128) for sk in (1, 2, 4, 8)]
+_SMALL = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "GROUP_M": 1, "num_warps": 4,
+           "num_stages": 4, "pre_hook": _zero_out}
+          for bm, bns, sks in ((16, (32, 64, 128), (1, 2, 4, 8)), (32, (64, 128), (1, 2, 4)), (64, (64, 128), (1, 2, 4)))
+          for bn in bns for sk in sks]
 _LARGE = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": w, "num_stages": s}
           for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3))]
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
@@ -61,8 +63,11 @@ def _wonly_kernel(x_ptr, w_ptr, ws_ptr, wz_ptr, lr_ptr, up_ptr, bias_ptr, out_pt
 
 
 def _prune(cfgs, named_args, **kwargs):
+    """BLOCK_K must divide the group; row blocks no taller than the token count needs."""
     gs = named_args["GS"] if "GS" in named_args else kwargs.get("GS", 64)
-    return [c for c in cfgs if gs % c.kwargs["BLOCK_K"] == 0] or cfgs[:1]
+    need = max(16, triton.next_power_of_2(named_args["M"]))
+    keep = [c for c in cfgs if gs % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_M"] <= need]
+    return keep or [c for c in cfgs if gs % c.kwargs["BLOCK_K"] == 0][:1]
 
 
 _KEY = ["M_KEY", "N", "K", "R", "TERNARY", "HAS_Z", "GS"]
