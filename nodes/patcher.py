@@ -18,7 +18,10 @@ How it fits ComfyUI's patcher:
   lazy saving) never casts or merges a quantized layer's tensors; `unpatch_model` puts back the exact
   original branch / bias tensors. Clones (also `clone(disable_dynamic=True)`) keep the behaviour.
 Not routed (skipped with one warning line): DoRA, LoCon mid, LoHa / LoKr / full diffs and hook
-(scheduled) LoRAs on quantized layers; they still apply to 16-bit layers.
+(scheduled) LoRAs on quantized layers; they still apply to 16-bit layers. LoRA keys that match no
+layer are ComfyUI's to report (one line per key; LowBitLoraStack reports them in one line).
+ModelPatcherDynamic (ComfyUI's default on NVIDIA) is handled by the same load / unpatch hooks but has
+only been exercised on CPU (where ComfyUI falls back to ModelPatcher): verify on a GPU.
 """
 import logging
 
@@ -29,6 +32,7 @@ from ..quant_ops.linear import LowBitLinear
 from ..quant_ops.lora import LoraFactor, apply_lora, check_factor, originals, remove_lora
 
 log = logging.getLogger("comfyui_lowbit")
+
 
 def lowbit_layers(model) -> dict:
     """{module path (as in patch keys): quantized module}."""
@@ -53,6 +57,14 @@ def _offsets(offset):
     return ((start, length), None) if dim == 0 else (None, (start, length))
 
 
+def _kind(v) -> str:
+    if isinstance(v, comfy.weight_adapter.WeightAdapterBase):
+        return v.name
+    if isinstance(v, list):
+        return "merge"
+    return v[0] if isinstance(v, tuple) and len(v) == 2 else "diff"
+
+
 def lora_plan(path: str, module: LowBitLinear, weight_patches: list, bias_patches: list):
     """(LoRA factors, bias delta or None, skipped descriptions) for one quantized layer from ComfyUI patches.
 
@@ -62,14 +74,11 @@ def lora_plan(path: str, module: LowBitLinear, weight_patches: list, bias_patche
     factors, skipped, bias_delta = [], [], None
     for strength, v, strength_model, offset, function in weight_patches:
         key = f"{path}.weight"
-        adapter = v if isinstance(v, comfy.weight_adapter.WeightAdapterBase) else None
-        kind = adapter.name if adapter is not None else (v[0] if isinstance(v, tuple) and len(v) == 2 else "diff")
-        if isinstance(v, list):
-            kind = "merge"
-        if adapter is None or adapter.name != "lora" or strength_model != 1.0 or function is not None:
-            skipped.append(f"{key} ({kind}{', strength_model' if strength_model != 1.0 else ''})")
+        if _kind(v) != "lora" or strength_model != 1.0 or function is not None:
+            why = ", strength_model" if strength_model != 1.0 else ", function" if function is not None else ""
+            skipped.append(f"{key} ({_kind(v)}{why})")
             continue
-        up, down, alpha, mid, dora_scale, reshape = adapter.weights
+        up, down, alpha, mid, dora_scale, reshape = v.weights
         if mid is not None or dora_scale is not None or reshape is not None:
             skipped.append(f"{key} ({'dora' if dora_scale is not None else 'locon mid/reshape'})")
             continue
