@@ -420,3 +420,21 @@ def test_lora_stack_reports_unmatched_keys_in_one_line(comfy, models, caplog):
     assert set(out.patches) == set(ref.patches) and type(out) is type(ref)
     for k in ref.patches:
         assert [p[0] for p in out.patches[k]] == [p[0] for p in ref.patches[k]]
+
+
+def test_low_vram_partial_load_gives_the_same_output(comfy, models):
+    """ModelPatcher's low-VRAM load (16-bit LoRAs applied at cast time, quantized layers left offloaded):
+    the branch still carries the LoRA and the output matches a full load."""
+    _, mpq, _ = models
+    lq, _ = comfy.sd.load_lora_for_models(mpq, None, make_lora("diffusers", seed=7), 0.9, 0)
+    full = _run(lq)
+    lq.patch_model(lowvram_model_memory=1)
+    try:
+        assert lq.model.model_lowvram
+        assert lq.model.diffusion_model.double_blocks[0].img_attn.qkv.branch()[0].shape[1] == 32
+        with torch.no_grad():
+            low = lq.model.diffusion_model(**_inputs()).float()
+    finally:
+        lq.unpatch_model()
+    assert _lowbit(mpq)["diffusion_model.double_blocks.0.img_attn.qkv"].branch()[0].shape[1] == 16
+    torch.testing.assert_close(low, full, rtol=1e-2, atol=1e-2)
