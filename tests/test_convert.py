@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import (FAST, TINY_FLUX_CONFIG, TINY_T5_CONFIG, one_thread, tiny_flux_state_dict, tiny_t5_state_dict,
-                         write_tiny_flux, write_tiny_t5)
+from tiny_models import (FAST, TINY_FLUX_CONFIG, TINY_T5_CONFIG, one_thread, tiny_clip_l_state_dict, tiny_flux_state_dict,
+                         tiny_t5_state_dict, write_tiny_flux, write_tiny_t5)
 
 from comfyui_lowbit import cli
 from comfyui_lowbit.quant_ops import checkpoint, convert, flux, module_from_packed
@@ -182,6 +182,20 @@ def test_t5_quantize_and_inspect_cli(tmp_path, capsys):
     assert cli.main(["inspect", dst]) == 0
     out = capsys.readouterr().out
     assert "version 1, model t5" in out and "w4a16          14 layers" in out and "BF16 copy" in out
+
+
+def test_clip_l(tmp_path, caplog):
+    sd16 = tiny_clip_l_state_dict()
+    with caplog.at_level(logging.WARNING, logger="comfyui_lowbit"):
+        s = convert.quantize_file(_write(sd16, tmp_path / "clip_l.safetensors"), tmp_path / "q.safetensors", "svdq_w4a4")
+    assert any("weight-only (w4a16)" in r.getMessage() for r in caplog.records)
+    sd, info = checkpoint.load_checkpoint(s["dst"])
+    assert info.model == "clip_l" and info.format_counts() == {"w4a16": 12}
+    assert torch.equal(sd["text_model.embeddings.position_ids"], sd16["text_model.embeddings.position_ids"])
+    assert sd["text_projection.weight"].dtype == torch.bfloat16
+    for name, packed in checkpoint.packed_layers(sd, info).items():
+        err = _rel_err(module_from_packed(packed), sd16[f"{name}.weight"], sd16[f"{name}.bias"], name)
+        assert err < ERROR_BOUND["w4a16"], (name, err)
 
 
 def test_flux_cli_and_inspect(tmp_path, tiny, capsys):

@@ -119,6 +119,26 @@ def tiny_t5_state_dict(seed=0, dtype=torch.bfloat16, config=None) -> dict:
     return sd
 
 
+def tiny_clip_l_state_dict(seed=0, dtype=torch.float16, hidden=128, layers=2, vocab=1000) -> dict:
+    """A small CLIP text encoder with CLIP-L's key names (ComfyUI itself only loads the full-size CLIP-L)."""
+    shapes = {"text_model.embeddings.token_embedding.weight": (vocab, hidden),
+              "text_model.embeddings.position_embedding.weight": (77, hidden),
+              "text_model.final_layer_norm.weight": (hidden,), "text_model.final_layer_norm.bias": (hidden,),
+              "text_projection.weight": (hidden, hidden)}
+    for i in range(layers):
+        p = f"text_model.encoder.layers.{i}"
+        for n in ("q", "k", "v", "out"):
+            shapes[f"{p}.self_attn.{n}_proj.weight"], shapes[f"{p}.self_attn.{n}_proj.bias"] = (hidden, hidden), (hidden,)
+        shapes[f"{p}.mlp.fc1.weight"], shapes[f"{p}.mlp.fc1.bias"] = (4 * hidden, hidden), (4 * hidden,)
+        shapes[f"{p}.mlp.fc2.weight"], shapes[f"{p}.mlp.fc2.bias"] = (hidden, 4 * hidden), (hidden,)
+        for n in ("layer_norm1", "layer_norm2"):
+            shapes[f"{p}.{n}.weight"], shapes[f"{p}.{n}.bias"] = (hidden,), (hidden,)
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: _value(k, s, g).to(dtype) for k, s in sorted(shapes.items())}
+    sd["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    return sd
+
+
 def _save(sd: dict, path, metadata=None) -> str:
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
