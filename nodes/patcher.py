@@ -121,8 +121,12 @@ class LowBitPatcherMixin:
                 factors, bias_delta, skip = lora_plan(path, m, wp, bp)  # validates every layer before changing any
                 skipped += skip
                 plans.append((path, m, factors, bias_delta))
-        for path, m, factors, bias_delta in plans:
-            apply_lora(m, factors, bias_delta, layer=path)
+        try:
+            for path, m, factors, bias_delta in plans:
+                apply_lora(m, factors, bias_delta, layer=path)
+        except Exception:
+            self.lowbit_restore()  # all or nothing
+            raise
         if skipped:
             log.warning("lowbit: %d LoRA patches on quantized layers cannot go into the low-rank branch and were "
                         "skipped: %s%s", len(skipped), ", ".join(skipped[:4]), ", ..." if len(skipped) > 4 else "")

@@ -21,6 +21,7 @@ import torch
 from .linear import LowBitLinear
 
 RANK_MULTIPLE = 16  # branches with LoRAs are zero-padded to a multiple of this (the kernels' rank tile)
+MAX_RANK = 256  # the most the Triton kernels take (kernels/triton_common.py MAX_RANK)
 _ORIG = "_lowbit_lora_originals"  # module attribute: {"proj_down", "proj_up", "bias"} before any LoRA
 
 
@@ -128,6 +129,11 @@ def apply_lora(module: LowBitLinear, factors, bias_delta: torch.Tensor | None = 
         down0, up0 = down0.to(device), up0.to(device)
     down, up = compose_branch(down0, up0, factors, n, k, dtype=dtype if down0 is None else None, device=device, layer=layer,
                               rank_multiple=RANK_MULTIPLE)
+    if down is not None and down.shape[1] > MAX_RANK:
+        r0 = 0 if down0 is None else down0.shape[1]
+        raise ValueError(f"{layer}: low-rank branch rank {r0} + LoRA ranks {[f.rank for f in factors]} = {down.shape[1]} "
+                         f"(padded to a multiple of {RANK_MULTIPLE}) exceeds {MAX_RANK}, the most the kernels take; "
+                         f"use fewer or lower-rank LoRAs on this layer")
     bias = orig["bias"]
     if bias_delta is not None:
         if bias_delta.shape != (n,):

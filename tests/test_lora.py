@@ -256,6 +256,10 @@ def test_shape_mismatch_names_key_and_shapes(layers):
     with pytest.raises(ValueError, match=r"slice.*rows 513:769"):
         apply_lora(m, [off])
     assert originals(m) is None  # nothing half-applied
+    big = [_lora(m.out_features, m.in_features, rank=128, seed=s) for s in (1, 2)]  # 16 + 256 > 256
+    with pytest.raises(ValueError, match=r"double_blocks\.0\.img_attn\.qkv: .*16 \+ LoRA ranks \[128, 128\] = 272.*256"):
+        apply_lora(m, big, layer="double_blocks.0.img_attn.qkv")
+    assert originals(m) is None
 
 
 def test_compose_branch_leaves_inputs_untouched():
@@ -282,3 +286,22 @@ def test_copy_to_keeps_runtime_branch(layers):
             assert torch.equal(c(x), m(x))
     finally:
         remove_lora(m)
+
+
+@pytest.mark.parametrize("name", ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_mod.lin",
+                                  "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj"])
+def test_triton_kernels_take_the_padded_branch(layers, name, monkeypatch):
+    """The composed (zero-padded) branch runs through the Triton kernels (interpreted on CPU) like the reference."""
+    pytest.importorskip("triton")
+    m = layers[name]
+    x = _x(m.in_features, m=4)
+    apply_lora(m, [_lora(m.out_features, m.in_features, rank=8, seed=11, strength=0.9)])
+    try:
+        with torch.no_grad():
+            ref = m(x).float()
+            monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+            tri = m(x).float()
+    finally:
+        remove_lora(m)
+    assert m.branch()[0] is None or m.branch()[0].shape[1] % 16 == 0
+    torch.testing.assert_close(tri, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
