@@ -4,8 +4,10 @@ Tensors are read lazily (the input is reopened per layer, so its pages are not k
 kept; peak memory is about the output size plus one layer in float32. The output is written to a temp file
 and renamed (checkpoint.save_checkpoint): on any error the destination is untouched.
 """
+import contextlib
 import ctypes
 import ctypes.util
+import glob
 import json
 import logging
 import os
@@ -49,30 +51,48 @@ def _open(path: str):
 
 
 class _Source:
-    """Lazy access to the input file: shapes from the header, tensors read on demand."""
+    """Lazy access to the input: shapes from the headers, tensors read on demand. `path` is one safetensors
+    file, a sharded model's `*.safetensors.index.json`, or a folder holding either (diffusers `transformer/`)."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file")
         self.path = path
-        with _open(path) as f:
-            self.keys = list(f.keys())
-            self.shapes = {}
-            for k in self.keys:
-                try:
-                    self.shapes[k] = tuple(f.get_slice(k).get_shape())
-                except Exception as e:
-                    raise ValueError(f"{path}: tensor {k}: unreadable header entry ({e})") from None
+        self.files = {}  # key -> file
+        self.shapes = {}
+        files = _shards(path)
+        for file in files:
+            with _open(file) as f:
+                for k in f.keys():
+                    try:
+                        self.shapes[k] = tuple(f.get_slice(k).get_shape())
+                    except Exception as e:
+                        raise ValueError(f"{file}: tensor {k}: unreadable header entry ({e})") from None
+                    self.files[k] = file
+        self.keys = list(self.files)
+        self.size = sum(os.path.getsize(f) for f in files)
 
-    def read(self, f, key: str) -> torch.Tensor:
+    @contextlib.contextmanager
+    def reader(self):
+        """read(key) -> float32 tensor; the files are opened once per `with` (one layer) and closed after."""
+        handles = {}
+
+        def read(key):
+            file = self.files[key]
+            if file not in handles:
+                handles[file] = stack.enter_context(_open(file))
+            return self._read(handles[file], file, key)
+
+        with contextlib.ExitStack() as stack:
+            yield read
+
+    def _read(self, f, file: str, key: str) -> torch.Tensor:
         try:
             t = f.get_tensor(key)
         except Exception as e:
-            raise ValueError(f"{self.path}: tensor {key}: cannot read data ({e}); the file may be truncated") from None
+            raise ValueError(f"{file}: tensor {key}: cannot read data ({e}); the file may be truncated") from None
         if not t.is_floating_point():
             if key.endswith("position_ids"):
                 return t
-            raise ValueError(f"{self.path}: tensor {key} has dtype {t.dtype}, expected a float type")
+            raise ValueError(f"{file}: tensor {key} has dtype {t.dtype}, expected a float type")
         t = t.float()
         if key.endswith(".weight"):
             for suffix in _SCALE_SUFFIXES:
@@ -80,8 +100,34 @@ class _Source:
                 if sk in self.shapes:
                     t = t * f.get_tensor(sk).float()
         if not torch.isfinite(t).all():
-            raise ValueError(f"{self.path}: tensor {key} contains inf or NaN")
+            raise ValueError(f"{file}: tensor {key} contains inf or NaN")
         return t
+
+
+def _shards(path: str) -> list:
+    if os.path.isdir(path):
+        index = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if index:
+            return _shards(index[0])
+        if len(files) != 1:
+            raise ValueError(f"{path}: a folder must hold one .safetensors file or a *.safetensors.index.json "
+                             f"(found {len(files)} .safetensors files)")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path}: not a safetensors index (expected a JSON 'weight_map'; {e})") from None
+        files = [os.path.join(os.path.dirname(path), f) for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{f}: shard listed in {path} not found")
+        return files
+    return [path]
 
 
 def _plan(src: _Source):
@@ -195,7 +241,7 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
         raise ValueError(f"group size must be 64 or 128, got {group_size}")
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if os.path.abspath(dst) in {os.path.abspath(f) for f in _shards(src) + [src]}:
         raise ValueError(f"{dst}: output would overwrite the input")
     source = _Source(src)
     model, plan, config, fmt_of = _plan(source)
@@ -205,8 +251,8 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     units = _units(plan)
     out, layers = {}, {}
     for done, (layer, parts) in enumerate(units, 1):
-        with _open(src) as f:
-            tensors = {end: _fetch(source, f, *plan[name]) for end, name in parts.items()}
+        with source.reader() as read:
+            tensors = {end: _fetch(read, *plan[name]) for end, name in parts.items()}
         lfmt = fmt_of(layer, fmt) if "weight" in tensors and tensors["weight"].dim() == 2 else None
         if lfmt is not None:
             w, b = tensors.pop("weight"), tensors.pop("bias", None)
@@ -238,14 +284,14 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     counts = {}
     for cfg in layers.values():
         counts[cfg["format"]] = counts.get(cfg["format"], 0) + 1
-    in_bytes, out_bytes = os.path.getsize(src), os.path.getsize(dst)
+    in_bytes, out_bytes = source.size, os.path.getsize(dst)
     return {"src": src, "dst": dst, "model": model, "config": config, "layer_counts": counts,
             "input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": in_bytes / max(out_bytes, 1),
             "seconds": time.time() - t0, "calib_missing": list(calib_stats.missing)}
 
 
-def _fetch(source: _Source, f, srcs, swap) -> torch.Tensor:
-    parts = [source.read(f, s) for s in srcs]
+def _fetch(read, srcs, swap) -> torch.Tensor:
+    parts = [read(s) for s in srcs]
     t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if swap:  # diffusers' final norm is (scale, shift); BFL's final_layer.adaLN_modulation.1 is (shift, scale)
         scale, shift = t.chunk(2, dim=0)

@@ -10,12 +10,13 @@ def add_parser(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a FLUX transformer or T5 encoder safetensors file",
                        description="Quantize a 16-bit (or fp8) FLUX transformer (BFL/ComfyUI or diffusers names) "
                                    "or T5-XXL encoder into a lowbit checkpoint.")
-    q.add_argument("input", help="input .safetensors (FLUX transformer or T5 encoder)")
+    q.add_argument("input", help="input .safetensors (FLUX transformer, T5 or CLIP-L encoder), a sharded model's "
+                                 "*.safetensors.index.json, or a diffusers transformer/ folder")
     q.add_argument("output", help="output .safetensors (lowbit checkpoint)")
     q.add_argument("--format", required=True, choices=QUANT_FORMATS,
                    help="block format for FLUX: svdq_w4a4 (4-bit weights and activations + low-rank branch), "
                         "ternary (1.58-bit weights + low-rank branch) or w4a16 (4-bit weights only); "
-                        "modulation layers are always w4a16; T5 is always w4a16")
+                        "modulation layers are always w4a16; T5 and CLIP-L are always w4a16")
     q.add_argument("--rank", type=int, default=None,
                    help="low-rank branch rank (default: 32 for svdq_w4a4, 64 for ternary)")
     q.add_argument("--calib", metavar="STATS", default=None,

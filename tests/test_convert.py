@@ -125,6 +125,26 @@ def test_input_variants_give_the_same_checkpoint(tmp_path, tiny):
         assert _rel_err(module_from_packed(packed), sd16[f"{name}.weight"], sd16[f"{name}.bias"], name) < 0.25, name
 
 
+def test_sharded_diffusers_input(tmp_path, tiny):
+    """A diffusers `transformer/` folder: shards + diffusion_pytorch_model.safetensors.index.json."""
+    d = tiny_flux_state_dict(naming="diffusers")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    keys = sorted(d)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        _write({k: d[k] for k in part}, folder / name)
+        weight_map.update({k: name for k in part})
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ref, _ = checkpoint.load_checkpoint(convert.quantize_file(tiny, tmp_path / "ref.safetensors", "w4a16")["dst"])
+    for src in (folder, folder / "diffusion_pytorch_model.safetensors.index.json"):
+        s = convert.quantize_file(str(src), tmp_path / "q.safetensors", "w4a16", force=True)
+        sd, _ = checkpoint.load_checkpoint(s["dst"])
+        assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in sd)
+        assert s["input_bytes"] == sum(os.path.getsize(folder / f) for f in set(weight_map.values()))
+
+
 def test_diffusers_final_norm_halves_are_swapped(tmp_path):
     d = tiny_flux_state_dict(naming="diffusers")
     bfl = tiny_flux_state_dict()
