@@ -93,9 +93,10 @@ class ComfyError(RuntimeError):
 
 class ComfyServer:
     def __init__(self, comfy_path: str, base_dir: Path, python: str = sys.executable, start_timeout: float = 180,
-                 extra_args: list[str] = ()):
+                 extra_args: list[str] = (), env: dict | None = None):
         self.comfy_path = Path(comfy_path)
         self.extra_args = list(extra_args)
+        self.env_overrides = dict(env or {})  # name -> value, or None to remove it from the server's environment
         self.base = Path(base_dir)
         self.python = python
         self.start_timeout = start_timeout
@@ -123,6 +124,14 @@ class ComfyServer:
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
         env.pop("LOWBIT_BACKEND", None)
+        # tiny models gain nothing from intra-op threads, and on a shared CPU spinning OpenMP threads make
+        # small SVDs / matmuls 10-20x slower
+        env.setdefault("OMP_NUM_THREADS", "1")
+        for k, v in self.env_overrides.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = str(v)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

@@ -20,6 +20,15 @@ TINY_T5 = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_
                is_gated_act=True, model_type="t5", relative_attention_num_buckets=32, layer_norm_epsilon=1e-6)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared CPU they make SVDs 10-20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def comfy():
     """ComfyUI imported in this process, CPU only."""
@@ -67,6 +76,17 @@ def _quantize_sd(model, select, rank=16):
     return sd, layers
 
 
+_QUANTIZED = {}
+
+
+def _quantized_flux(model, fmt):
+    """(state dict, layers) of the in-process tiny FLUX quantized with block format `fmt`, computed once."""
+    if fmt not in _QUANTIZED:
+        _QUANTIZED[fmt] = _quantize_sd(model, _flux_fmt(fmt))
+    sd, layers = _QUANTIZED[fmt]
+    return dict(sd), {k: dict(v) for k, v in layers.items()}
+
+
 def _flux_fmt(fmt):
     def select(name, module):
         if not name.startswith(("double_blocks.", "single_blocks.")):
@@ -106,7 +126,7 @@ def test_ops_build_comfy_flux_with_quantized_layers(comfy, tiny_flux, fmt, tol):
     from comfyui_lowbit.quant_ops import LowBitLinear, MODULES
 
     sd16 = {k: v.clone() for k, v in tiny_flux.state_dict().items()}
-    qsd, layers = _quantize_sd(tiny_flux, _flux_fmt(fmt))
+    qsd, layers = _quantized_flux(tiny_flux, fmt)
     ref = comfy.sd.load_diffusion_model_state_dict(_bfl(sd16))
     mp = comfy.sd.load_diffusion_model_state_dict(_bfl(qsd), model_options={"custom_operations": make_ops(layers)})
     dm = mp.model.diffusion_model
@@ -140,7 +160,7 @@ def test_ops_low_vram_partial_load_and_offload(comfy, tiny_flux):
     """ModelPatcher's low-VRAM load marks offloaded quantized layers for casting; results do not change."""
     from comfyui_lowbit.nodes.ops import lowbit_modules, make_ops
 
-    qsd, layers = _quantize_sd(tiny_flux, _flux_fmt("svdq_w4a4"))
+    qsd, layers = _quantized_flux(tiny_flux, "svdq_w4a4")
     mp = comfy.sd.load_diffusion_model_state_dict(_bfl(qsd), model_options={"custom_operations": make_ops(layers)})
     dm = mp.model.diffusion_model
     with torch.no_grad():
@@ -189,7 +209,281 @@ def test_ops_on_comfy_t5_text_encoder(comfy):
 def test_unknown_layer_config_is_a_clear_error(comfy, tiny_flux):
     from comfyui_lowbit.nodes.ops import make_ops
 
-    qsd, layers = _quantize_sd(tiny_flux, _flux_fmt("svdq_w4a4"))
+    qsd, layers = _quantized_flux(tiny_flux, "svdq_w4a4")
     layers.pop("double_blocks.1.img_attn.qkv")
     with pytest.raises(ValueError, match=r"double_blocks\.1\.img_attn\.qkv.*lowbit\.layers"):
         comfy.sd.load_diffusion_model_state_dict(_bfl(qsd), model_options={"custom_operations": make_ops(layers, source="x.safetensors")})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Headless ComfyUI server (one per module): tiny FLUX / T5 / CLIP-L files (tests/tiny_models.py, quantized
+# through quant_ops.convert) in a temporary base directory, API workflows over HTTP. The tiny FLUX reads
+# T5 width 128 and a pooled vector of 64 (the tiny CLIP-L's width); where no text encoder is involved,
+# the conditioning comes from a seeded test node.
+
+VEC = 64  # pooled width: the tiny CLIP-L's hidden size and the tiny FLUX's vec_in_dim
+LATENT_TOL = {"svdq_w4a4": 0.15, "ternary": 0.35}  # sampled latent vs 16-bit, relative L2 (measured below)
+TE_TOL = 0.25  # latent from lowbit text encoders vs from the same 16-bit ones, relative L2
+RSS_BOUND_MB = 32  # a leaked tiny model is ~1 MB: the live-module count is the exact check, RSS the coarse one
+
+
+def _tiny_clip_l(comfy, seed=5):
+    """A ComfyUI CLIP-L text model with CLIP-L's vocabulary and positions but width 64 and 2 layers."""
+    import json
+
+    import comfy.clip_model
+
+    with open(os.path.join(COMFY, "comfy", "sd1_clip_config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(hidden_size=VEC, num_attention_heads=1, intermediate_size=128, num_hidden_layers=2)
+    model = comfy.clip_model.CLIPTextModel(cfg, torch.bfloat16, "cpu", comfy.ops.manual_cast)
+    _randomize(model, seed)
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def server(comfy, tmp_path_factory):
+    from comfyui_harness import ComfyServer
+    from safetensors.torch import save_file
+    from tiny_models import write_tiny_flux, write_tiny_lowbit_flux, write_tiny_t5
+
+    from comfyui_lowbit.quant_ops import checkpoint
+
+    base = tmp_path_factory.mktemp("comfyui")
+    # TRITON_INTERPRET is removed so the server is a plain CPU-only ComfyUI (backend=triton must be refused)
+    srv = ComfyServer(COMFY, base, python=sys.executable, extra_args=["--cache-classic"], env={"TRITON_INTERPRET": None})
+    srv._layout()
+    dm, te = srv.models / "diffusion_models", srv.models / "text_encoders"
+    write_tiny_flux(dm / "tiny_flux_bf16.safetensors", vec_in_dim=VEC)
+    write_tiny_lowbit_flux(dm / "tiny_flux_w4a4.safetensors", "svdq_w4a4", rank=16, vec_in_dim=VEC)
+    write_tiny_lowbit_flux(dm / "tiny_flux_ternary.safetensors", "ternary", rank=32, vec_in_dim=VEC)
+    write_tiny_t5(te / "tiny_t5_bf16.safetensors")
+    clip, cfg = _tiny_clip_l(comfy)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(te / "tiny_clip_l_bf16.safetensors"))
+    qsd, layers = _quantize_sd(clip, lambda n, m: "w4a16" if n.startswith("text_model.encoder.") else None)
+    checkpoint.save_checkpoint(str(te / "tiny_clip_l_w4a16.safetensors"), qsd, layers, model="clip_l", config=cfg)
+    with srv:
+        info = srv.get("/object_info")
+        from comfyui_lowbit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401 (import check)
+        missing = [n for n in NODE_CLASS_MAPPINGS if n not in info]
+        assert not missing, f"pack did not register {missing}:\n{srv.log_tail()}"
+        yield srv
+
+
+def test_server_node_definitions(server):
+    """Every pack node is in category 'lowbit' with a display name and a tooltip on every input."""
+    from comfyui_lowbit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS) and len(NODE_CLASS_MAPPINGS) >= 5
+    for name in NODE_CLASS_MAPPINGS:
+        d = server.object_info(name)
+        assert d["category"] == "lowbit", name
+        assert d["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[name]
+        for section in ("required", "optional"):
+            for inp, spec in d["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+    loader = server.object_info("LowBitDiffusionModelLoader")["input"]["required"]
+    assert {"tiny_flux_w4a4.safetensors", "tiny_flux_ternary.safetensors"} <= set(loader["model_name"][0])
+    assert loader["backend"][0] == ["auto", "reference", "triton"]
+    assert loader["compute_dtype"][0] == ["auto", "bfloat16", "float16"]
+    te = server.object_info("LowBitTextEncoderLoader")["input"]["required"]
+    assert "tiny_t5_bf16.safetensors" in te["clip_name1"][0] and "tiny_clip_l_bf16.safetensors" in te["clip_name2"][0]
+    q = server.object_info("LowBitQuantizeModel")["input"]["required"]
+    assert "diffusion_models/tiny_flux_bf16.safetensors" in q["model_name"][0]
+    assert "text_encoders/tiny_t5_bf16.safetensors" in q["model_name"][0]
+
+
+def _lowbit_loader(name, backend="auto"):
+    return {"class_type": "LowBitDiffusionModelLoader",
+            "inputs": {"model_name": name, "backend": backend, "compute_dtype": "auto"}}
+
+
+def _unet_loader(name):
+    return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+
+
+def _sampler(model, cond, prefix, seed=0, steps=3, ids=("3", "4", "5", "6")):
+    """FluxGuidance -> EmptySD3LatentImage -> KSampler -> SaveLatent, as nodes with the given ids."""
+    g, e, k, s = ids
+    return {
+        g: {"class_type": "FluxGuidance", "inputs": {"conditioning": cond, "guidance": 3.5}},
+        e: {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        k: {"class_type": "KSampler", "inputs": {"model": model, "seed": seed, "steps": steps, "cfg": 1.0,
+                                                 "sampler_name": "euler", "scheduler": "simple", "positive": [g, 0],
+                                                 "negative": cond, "latent_image": [e, 0], "denoise": 1.0}},
+        s: {"class_type": "SaveLatent", "inputs": {"samples": [k, 0], "filename_prefix": prefix}},
+    }
+
+
+def _sampling(loader, prefix, seed=0, steps=3, model_node=None):
+    wf = {"1": loader,
+          "2": {"class_type": "LowBitTestConditioning",
+                "inputs": {"seed": 7, "tokens": 8, "context_dim": 128, "pooled_dim": VEC}}}
+    wf.update(_sampler([model_node or "1", 0], ["2", 0], prefix, seed, steps))
+    return wf
+
+
+def _latent(server, entry, node="6"):
+    from comfyui_harness import output_files
+    from safetensors.torch import load_file
+
+    files = output_files(entry, node, "latents")
+    assert len(files) == 1, entry.get("outputs")
+    f = files[0]
+    return load_file(str(server.output / f["subfolder"] / f["filename"]))["latent_tensor"]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def latent16(server):
+    return _latent(server, server.run(_sampling(_unet_loader("tiny_flux_bf16.safetensors"), "t/bf16")))
+
+
+_LOWBIT_LATENTS = {}  # file name -> latent sampled with backend auto (reused by the backend test)
+
+
+@pytest.mark.parametrize("fmt,name", [("svdq_w4a4", "tiny_flux_w4a4.safetensors"), ("ternary", "tiny_flux_ternary.safetensors")])
+def test_server_samples_lowbit_flux_close_to_16bit(server, latent16, fmt, name):
+    """KSampler (3 euler steps, 32x32) on the lowbit model vs the same workflow on the 16-bit file through
+    ComfyUI's own UNETLoader. After the prompt, no module of the GPU Triton kernels was imported (CPU: auto
+    -> reference)."""
+    wf = _sampling(_lowbit_loader(name), f"t/{fmt}")
+    wf["9"] = {"class_type": "LowBitTestModules", "inputs": {"contains": ".kernels.triton", "nonce": 1, "after": ["5", 0]}}
+    entry = server.run(wf)
+    lat = _LOWBIT_LATENTS[name] = _latent(server, entry)
+    assert lat.shape == latent16.shape == (1, 16, 4, 4)
+    assert torch.isfinite(lat).all()
+    rel = _rel(lat, latent16)
+    print(f"{fmt}: sampled latent relative L2 distance to the 16-bit one: {rel:.4f}")
+    assert 0 < rel < LATENT_TOL[fmt], f"{fmt}: latent relative distance {rel:.3f} (bound {LATENT_TOL[fmt]})"
+    assert entry["outputs"]["9"]["modules"] == [], "the CPU run imported the Triton kernels"
+
+
+def test_server_backend_reference_equals_auto_on_cpu_and_triton_is_refused(server):
+    from comfyui_harness import ComfyError
+
+    a = _LOWBIT_LATENTS.get("tiny_flux_w4a4.safetensors")
+    if a is None:
+        a = _latent(server, server.run(_sampling(_lowbit_loader("tiny_flux_w4a4.safetensors", "auto"), "t/auto")))
+    r = _latent(server, server.run(_sampling(_lowbit_loader("tiny_flux_w4a4.safetensors", "reference"), "t/ref")))
+    torch.testing.assert_close(a, r, rtol=0, atol=0)
+    with pytest.raises(ComfyError, match=r"backend 'triton' needs a GPU.*'auto' or 'reference'"):
+        server.run(_sampling(_lowbit_loader("tiny_flux_w4a4.safetensors", "triton"), "t/triton"))
+
+
+def test_server_rejects_a_16bit_file_with_its_name(server):
+    from comfyui_harness import ComfyError
+
+    with pytest.raises(ComfyError, match=r"tiny_flux_bf16\.safetensors: not a lowbit checkpoint"):
+        server.run(_sampling(_lowbit_loader("tiny_flux_bf16.safetensors"), "t/bad"))
+
+
+def test_server_text_encoders_lowbit_t5_and_clip_l(server):
+    """The quantize node writes a lowbit T5 next to the 16-bit one; LowBit Text Encoders loads it with a
+    16-bit or lowbit CLIP-L (either order) through ComfyUI's FLUX text-encoder classes; CLIPTextEncode's
+    conditioning then drives KSampler on the tiny FLUX. Reference: the same loader on both 16-bit files."""
+    from comfyui_lowbit.quant_ops import checkpoint
+
+    server.run({"1": {"class_type": "LowBitQuantizeModel", "inputs": {
+        "model_name": "text_encoders/tiny_t5_bf16.safetensors", "format": "svdq_w4a4", "rank": 0,
+        "calibration": "none (data-free)", "output_name": "tiny_t5_lowbit"}}})
+    info = checkpoint.read_info(str(server.models / "text_encoders" / "tiny_t5_lowbit.safetensors"))
+    assert info.model == "t5" and len(info.layers) == 2 * 7
+    assert {c["format"] for c in info.layers.values()} == {"w4a16"}
+
+    pairs = {"16bit": ("tiny_t5_bf16.safetensors", "tiny_clip_l_bf16.safetensors"),
+             "t5_lowbit": ("tiny_t5_lowbit.safetensors", "tiny_clip_l_bf16.safetensors"),
+             "both_lowbit": ("tiny_clip_l_w4a16.safetensors", "tiny_t5_lowbit.safetensors")}
+    wf = {"1": _unet_loader("tiny_flux_bf16.safetensors")}
+    for i, (tag, (a, b)) in enumerate(pairs.items()):
+        n = lambda j: f"{i}{j}"  # noqa: E731
+        wf[n(0)] = {"class_type": "LowBitTextEncoderLoader", "inputs": {"clip_name1": a, "clip_name2": b, "compute_dtype": "auto"}}
+        wf[n(1)] = {"class_type": "CLIPTextEncode", "inputs": {"clip": [n(0), 0], "text": "a lighthouse on a cliff at dusk"}}
+        wf.update(_sampler(["1", 0], [n(1), 0], f"t/te_{tag}", ids=(n(2), n(3), n(4), n(5))))
+    entry = server.run(wf)
+    lat = {tag: _latent(server, entry, f"{i}5") for i, tag in enumerate(pairs)}
+    for tag in ("t5_lowbit", "both_lowbit"):
+        assert torch.isfinite(lat[tag]).all()
+        rel = _rel(lat[tag], lat["16bit"])
+        print(f"text encoders {tag}: latent relative distance to 16-bit text encoders {rel:.4f}")
+        assert 0 < rel < TE_TOL, f"{tag}: {rel:.3f}"
+
+
+def _live_modules(server, nonce):
+    entry = server.run({"1": {"class_type": "LowBitTestLiveModules", "inputs": {"nonce": nonce}}})
+    return entry["outputs"]["1"]["live"][0]
+
+
+def test_server_reload_switch_unload_no_growth(server):
+    """Same model loaded twice (the backend input changes, so the loader runs again), switching between two
+    lowbit models, then /free. Counted after sampling inside each prompt, exactly one model's quantized
+    modules are alive (no stale copy survives a reload or a switch; --cache-classic keeps only the last
+    prompt's outputs), none after the next prompt, and the server's RSS stays within the bound."""
+    from comfyui_lowbit.quant_ops import checkpoint
+
+    n_layers = len(checkpoint.read_info(str(server.models / "diffusion_models" / "tiny_flux_w4a4.safetensors")).layers)
+    plan = [("tiny_flux_w4a4.safetensors", "auto"), ("tiny_flux_w4a4.safetensors", "reference"),
+            ("tiny_flux_ternary.safetensors", "auto")] * 2
+    rss, live = [], []
+    for i, (name, backend) in enumerate(plan):
+        wf = _sampling(_lowbit_loader(name, backend), f"t/mem{i}", seed=i, steps=1)
+        wf["7"] = {"class_type": "LowBitTestLiveModules", "inputs": {"nonce": i, "after": ["5", 0]}}
+        live.append(server.run(wf)["outputs"]["7"]["live"][0])
+        rss.append(server.rss_mb())
+    server.free()
+    live_after = _live_modules(server, 99)
+    rss_after = server.rss_mb()
+    growth = max(rss[3:]) - rss[2]
+    print(f"RSS MB per prompt: {[round(r, 1) for r in rss]}; after /free {rss_after:.1f}; growth after the "
+          f"first round {growth:.1f} MB; live quantized modules per prompt {live}, after /free {live_after}")
+    assert live == [n_layers] * len(plan), f"expected one model's {n_layers} quantized modules alive: {live}"
+    assert live_after == 0
+    assert growth < RSS_BOUND_MB, f"RSS grew {growth:.1f} MB over the second round: {rss}"
+    assert rss_after < rss[2] + RSS_BOUND_MB
+
+
+def test_server_calibrate_then_quantize_with_it_then_sample(server, latent16):
+    """Sampling through LowBit Calibrate records every block linear; the saved file feeds the quantize node,
+    whose checkpoint loads and samples; the quantize node never overwrites. (Ternary here: calibrated W4A4
+    grid-searches the smoothing per layer, minutes on this shared CPU; tests/test_convert covers it.)"""
+    from safetensors import safe_open
+
+    from comfyui_harness import ComfyError, output_files
+    from comfyui_lowbit.quant_ops import checkpoint
+
+    wf = _sampling(_unet_loader("tiny_flux_bf16.safetensors"), "t/calib", steps=3, model_node="10")
+    wf["10"] = {"class_type": "LowBitCalibrate", "inputs": {"model": ["1", 0]}}
+    wf["11"] = {"class_type": "LowBitSaveCalibration",
+                "inputs": {"model": ["10", 0], "samples": ["5", 0], "filename_prefix": "lowbit/calib"}}
+    entry = server.run(wf)
+    lat = _latent(server, entry)
+    torch.testing.assert_close(lat, latent16)  # recording does not change the result
+    rel_path = output_files(entry, "11", "text")[0]
+    calib = server.output / rel_path
+    with safe_open(str(calib), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        amax = {k: f.get_tensor(k) for k in keys}
+    w4 = checkpoint.read_info(str(server.models / "diffusion_models" / "tiny_flux_w4a4.safetensors"))
+    assert keys == {f"{name}.input_absmax" for name in w4.layers}
+    assert meta["lowbit.calib_version"] == "1" and int(meta["lowbit.samples"]) == 3
+    for k, t in amax.items():
+        assert t.dtype == torch.float32 and t.dim() == 1 and (t > 0).all(), k
+    assert amax["double_blocks.0.img_attn.qkv.input_absmax"].shape == (256,)
+    assert amax["single_blocks.0.linear2.input_absmax"].shape == (256 + 1024,)
+
+    quant = {"1": {"class_type": "LowBitQuantizeModel", "inputs": {
+        "model_name": "diffusion_models/tiny_flux_bf16.safetensors", "format": "ternary", "rank": 32,
+        "calibration": rel_path, "output_name": "tiny_flux_calibrated"}}}
+    server.run(quant, timeout=600)
+    out = server.models / "diffusion_models" / "tiny_flux_calibrated.safetensors"
+    info = checkpoint.read_info(str(out))
+    assert info.model == "flux" and len(info.layers) > 0
+    lat_q = _latent(server, server.run(_sampling(_lowbit_loader(out.name), "t/calibrated")))
+    rel = _rel(lat_q, latent16)
+    print(f"quantize node (ternary, calibrated): latent relative distance {rel:.4f}")
+    assert rel < LATENT_TOL["ternary"]
+    with pytest.raises(ComfyError, match=r"tiny_flux_calibrated\.safetensors.*already exists"):
+        server.run(quant)
