@@ -323,11 +323,19 @@ OUTLIER_INPUTS = 4      # input columns per weight scaled up (weight outliers)
 OUTLIER_HIDDEN = 4      # hidden channels carrying large activations (massive-activation channels)
 
 
+LOWRANK = 8             # rank of the structured part of each random weight
+
+
 def _random_weight(n, k, g, device, outliers=OUTLIER_INPUTS) -> torch.Tensor:
-    """Student-t (3 dof) weights scaled by 1/sqrt(k), a few input columns 4x larger; float32."""
+    """Student-t (3 dof) noise plus a rank-8 part of about the same norm (trained weights have a few large
+    singular values), scaled by 1/sqrt(k); a few input columns 4x larger. float32."""
     z = torch.randn(n, k, generator=g, device=device)
     chi2 = sum(torch.randn(n, k, generator=g, device=device) ** 2 for _ in range(3)) / 3
-    w = z.div_(chi2.sqrt_()).mul_(0.5 / math.sqrt(k))
+    w = z.div_(chi2.sqrt_())
+    r = min(LOWRANK, n, k)
+    u = torch.randn(n, r, generator=g, device=device) * torch.linspace(2.0, 0.5, r, device=device)
+    w.addmm_(u, torch.randn(r, k, generator=g, device=device), alpha=math.sqrt(1.5 / r))
+    w.mul_(0.4 / math.sqrt(k))
     cols = torch.randperm(k, generator=g, device=device)[:outliers]
     w[:, cols] *= 4.0
     return w

@@ -1,0 +1,163 @@
+"""`lowbit demo`: quantize a small seeded FLUX-shaped transformer and compare it with BF16 - no downloads.
+
+The model has FLUX's structure (double and single blocks, head dim 128, RoPE, modulation) at a small width,
+heavy-tailed weights and a few large residual-stream channels (the "massive activations" of real DiTs).
+Each format is quantized in memory (quant_ops.flux_model.quantize_flux: blocks in the format, modulation
+W4A16, embedders and final layer BF16) and run once through the kernels (Triton on a GPU, the PyTorch
+reference on CPU). `--comfyui PATH` additionally runs a shipped workflow headless (see run_workflow_headless).
+"""
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEMO_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=512, mlp_ratio=4.0, num_heads=4,
+                   depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True)
+TINY_CONFIG = dict(DEMO_CONFIG, context_in_dim=256, hidden_size=256, num_heads=2, depth=1, depth_single_blocks=2)
+# (label, block format, rank, quantizer options); the rank-0 rows show what the low-rank branch buys
+VARIANTS = (("BF16", None, 0, {}),
+            ("W4A4 r32", "svdq_w4a4", 32, {"iters": 3}),
+            ("W4A4 r0 (no low-rank)", "svdq_w4a4", 0, {}),
+            ("ternary r64", "ternary", 64, {"iters": 3}),
+            ("ternary r0 (no low-rank)", "ternary", 0, {}))
+PACK_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_WORKFLOW = "flux1-dev-lowbit-w4a4.json"
+
+
+def _forward_ms(model, inputs, device, runs):
+    from .bench import time_ms
+
+    # on CPU the error forward just before is the warm-up
+    return time_ms(lambda: model(**inputs), device, warmup=1 if device.type == "cuda" else 0, runs=runs)
+
+
+@contextlib.contextmanager
+def _quantize_threads(device):
+    """One CPU thread while quantizing: the SVDs are small, and multi-threaded LAPACK SVD slows down by
+    10-100x when the cores are shared with other work."""
+    n = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def run_demo(tiny=False, device=None, seed=0, runs=None, log=print) -> dict:
+    """Returns {"config", "device", "backend", "tokens", "rows": [{label, format, rank, weight_bytes,
+    size_ratio, rel_error, ms, quantize_s}]}; rel_error is the relative L2 error of the transformer output
+    against the BF16 model on the same inputs."""
+    from .. import kernels
+    from .flux_model import make_inputs, quantize_flux, random_flux, weight_bytes
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    runs = runs or (5 if device.type == "cuda" else 1)
+    cfg = TINY_CONFIG if tiny else DEMO_CONFIG
+    hw, txt = ((8, 8), 16) if tiny else ((16, 16), 64)
+    base = random_flux(cfg, seed=seed, dtype=torch.bfloat16, device=device)
+    inputs = make_inputs(cfg, height=hw[0], width=hw[1], txt_len=txt, seed=seed + 1, device=device)
+    with torch.no_grad():
+        ref = base(**inputs).float()
+    rows = []
+    for label, fmt, rank, opts in VARIANTS:
+        t0 = time.time()
+        with _quantize_threads(device):
+            model = base if fmt is None else quantize_flux(copy.deepcopy(base), fmt, rank=rank, **opts)
+        qs = time.time() - t0
+        with torch.no_grad():
+            out = model(**inputs).float()
+        err = ((out - ref).norm() / ref.norm()).item()
+        row = dict(label=label, format=fmt or "bf16", rank=rank, weight_bytes=weight_bytes(model),
+                   rel_error=err, ms=_forward_ms(model, inputs, device, runs), quantize_s=None if fmt is None else qs)
+        rows.append(row)
+        log(f"  {label:26s} error {err:.4f}  {row['ms']:.1f} ms/forward" + (f"  (quantized in {qs:.1f} s)" if fmt else ""))
+        if model is not base:
+            del model
+    for r in rows:
+        r["size_ratio"] = rows[0]["weight_bytes"] / r["weight_bytes"]
+    return {"config": cfg, "device": str(device), "backend": kernels.backend_for(device).__name__.rsplit(".", 1)[-1],
+            "tokens": (hw[0] * hw[1], txt), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    head = (f"FLUX-shaped transformer: hidden {c['hidden_size']}, {c['depth']} double + {c['depth_single_blocks']} "
+            f"single blocks, seeded random weights; {result['tokens'][0]} image + {result['tokens'][1]} text tokens; "
+            f"{result['device']}, kernels: {result['backend']}")
+    lines = [head, "", "| format | weights MB | smaller than BF16 | output error vs BF16 (rel. L2) | ms / forward |",
+             "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['label']} | {r['weight_bytes'] / 1e6:.2f} | {r['size_ratio']:.2f}x | {r['rel_error']:.4f} | "
+                     f"{r['ms']:.1f} |")
+    lines += ["", "Blocks are quantized (modulation layers W4A16); embedders and the final layer stay BF16. "
+                  "Data-free quantization (no calibration); errors are for random weights, not a trained model."]
+    return "\n".join(lines) + "\n"
+
+
+def run_workflow_headless(comfyui_path, workflow_json=DEFAULT_WORKFLOW, python=None, timeout=1800) -> int:
+    """Run one shipped workflow (workflows/<workflow_json>) headless through the ComfyUI checkout at
+    `comfyui_path` (`main.py --cpu` on a free loopback port), on tiny stand-in models written to a temp
+    folder under the file names the workflow expects (no downloads), and check its saved image.
+
+    This drives the pack's own headless workflow test (tests/test_workflows.py), so it needs the pack's
+    tests/ folder (a git checkout), pytest, and a Python (`python`, default this one) that has ComfyUI's
+    requirements. Returns the test's exit code (0: the workflow ran and saved its image)."""
+    comfyui_path = os.path.abspath(os.path.expanduser(str(comfyui_path)))
+    if not os.path.isfile(os.path.join(comfyui_path, "main.py")):
+        raise FileNotFoundError(f"{comfyui_path}: not a ComfyUI checkout (no main.py)")
+    test = PACK_DIR / "tests" / "test_workflows.py"
+    if not test.is_file():
+        raise FileNotFoundError(f"{test}: the headless workflow runner is not available in this install "
+                                "(it ships with the pack's git checkout)")
+    if not (PACK_DIR / "workflows" / workflow_json).is_file():
+        raise FileNotFoundError(f"{PACK_DIR / 'workflows' / workflow_json}: no such shipped workflow")
+    cmd = [python or sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           f"{test}::test_workflow_runs[{workflow_json}]"]
+    env = dict(os.environ, COMFYUI_PATH=comfyui_path)
+    try:
+        return subprocess.run(cmd, cwd=PACK_DIR, env=env, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"the headless ComfyUI run of {workflow_json} did not finish in {timeout} s") from None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="quantize a small seeded FLUX-shaped model to W4A4 and ternary and compare with BF16",
+                       description="Builds a small seeded FLUX-shaped transformer (no downloads), quantizes it to "
+                                   "SVDQuant W4A4 and ternary (with and without the low-rank branch), runs one forward "
+                                   "through the kernels and prints size, output error and time per format.")
+    p.add_argument("--tiny", action="store_true", help="an even smaller model (hidden 256, 1+2 blocks, 80 tokens): seconds")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=None,
+                   help="timed forwards per format, median reported (default 5 on a GPU, 1 on CPU)")
+    p.add_argument("--comfyui", metavar="PATH", default=None,
+                   help="also run a shipped workflow headless through the ComfyUI checkout at PATH, on tiny "
+                        "stand-in models (needs the pack's tests/ folder, pytest and ComfyUI's requirements)")
+    p.add_argument("--workflow", default=DEFAULT_WORKFLOW, help=f"workflow for --comfyui (default {DEFAULT_WORKFLOW})")
+    p.add_argument("--comfyui-python", default=None, help="Python with ComfyUI's requirements (default: this one)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.runs is not None and args.runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {args.runs}")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    result = run_demo(tiny=args.tiny, device=args.device, seed=args.seed, runs=args.runs, log=log)
+    print(format_table(result), end="")
+    if args.comfyui:
+        log(f"running workflows/{args.workflow} headless through {args.comfyui} ...")
+        rc = run_workflow_headless(args.comfyui, args.workflow, python=args.comfyui_python)
+        print(f"ComfyUI headless run of {args.workflow}: {'ok' if rc == 0 else f'FAILED (exit code {rc})'}")
+        return 0 if rc == 0 else 1
+    return 0

@@ -1,0 +1,72 @@
+"""`lowbit demo --tiny` on CPU: the table's rows and the ordering of the errors (no timing asserts)."""
+import math
+import re
+
+import pytest
+import torch
+
+from comfyui_lowbit import cli
+from comfyui_lowbit.quant_ops import demo
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # MKL SVD is far slower with 2 threads on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_output():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert cli.main(["demo", "--tiny", "--device", "cpu"]) == 0
+        return buf.getvalue()
+    finally:
+        torch.set_num_threads(n)
+
+
+def _rows(text):
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\| (.+?) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \| ([\d.]+) \|$", line)
+        if m:
+            rows[m.group(1)] = dict(mb=float(m.group(2)), ratio=float(m.group(3)), err=float(m.group(4)), ms=float(m.group(5)))
+    return rows
+
+
+def test_table_rows_and_errors(demo_output):
+    rows = _rows(demo_output)
+    assert list(rows) == [label for label, *_ in demo.VARIANTS]
+    assert "kernels: reference" in demo_output and "hidden 256" in demo_output
+    for r in rows.values():
+        assert all(math.isfinite(v) and v >= 0 for v in r.values()) and r["ms"] > 0 and r["mb"] > 0
+    bf16, w4, w4_0, t64, t0 = (rows[label] for label, *_ in demo.VARIANTS)
+    assert bf16["err"] == 0 and bf16["ratio"] == 1
+    assert 0 < w4["err"] < t0["err"] and w4["err"] < w4_0["err"] and t64["err"] < t0["err"]
+    assert w4["err"] < 0.25
+    assert all(r["ratio"] > 1.5 for r in (w4, w4_0, t64, t0))
+    assert t0["mb"] < w4_0["mb"] < w4["mb"] < bf16["mb"]
+
+
+def test_run_demo_result_and_relative_error():
+    r = demo.run_demo(tiny=True, device="cpu", log=lambda m: None)
+    rows = {row["label"]: row for row in r["rows"]}
+    assert r["backend"] == "reference" and r["tokens"] == (64, 16)
+    assert rows["W4A4 r32"]["format"] == "svdq_w4a4" and rows["ternary r64"]["rank"] == 64
+    assert rows["W4A4 r32"]["quantize_s"] > 0 and rows["BF16"]["quantize_s"] is None
+
+
+def test_comfyui_hook_errors(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="not a ComfyUI checkout"):
+        demo.run_workflow_headless(tmp_path)
+    (tmp_path / "main.py").write_text("")
+    with pytest.raises(FileNotFoundError, match="no such shipped workflow"):
+        demo.run_workflow_headless(tmp_path, "nope.json")
