@@ -7,7 +7,7 @@ import sys
 from . import __version__
 
 # modules relative to this package, one per subcommand group
-COMMAND_MODULES = [".quant_ops.quantize_cmd", ".quant_ops.nunchaku_cmd", ".quant_ops.bench_cmd"]
+COMMAND_MODULES = [".quant_ops.quantize_cmd", ".quant_ops.nunchaku_cmd", ".quant_ops.bench_cmd", ".quant_ops.demo"]
 
 
 def _parser() -> argparse.ArgumentParser:
