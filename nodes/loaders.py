@@ -108,7 +108,8 @@ class LowBitDiffusionModelLoader:
                                                        "reference: exact PyTorch path everywhere (slow). triton: require the "
                                                        "Triton kernels (an error on a CPU-only ComfyUI)."}),
             "compute_dtype": (list(DTYPES), {"default": "auto",
-                              "tooltip": "16-bit dtype of scales, low-rank branch and activations; auto lets ComfyUI pick "
+                              "tooltip": "16-bit dtype of the model's 16-bit weights, scales and low-rank branch; ComfyUI "
+                                         "computes in it on a GPU (on CPU it casts to float32). auto lets ComfyUI pick "
                                          "(float16 on GPUs without bfloat16)."}),
         }}
 

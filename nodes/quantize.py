@@ -1,6 +1,7 @@
 """LowBitQuantizeModel: quantize a 16-bit model from diffusion_models / text_encoders next to itself."""
 import os
 
+import comfy.model_management
 import comfy.utils
 import folder_paths
 
@@ -86,6 +87,8 @@ class LowBitQuantizeModel:
 
         def progress(done, total):
             bar.update_absolute(done, total)
+            comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: nothing is written
 
-        convert.quantize_file(src, dst, fmt=format, rank=rank, calib=calib, progress=progress)
+        device = comfy.model_management.get_torch_device()  # the SVDs run on the GPU when ComfyUI has one
+        convert.quantize_file(src, dst, fmt=format, rank=rank, calib=calib, progress=progress, device=device)
         return {"ui": {"text": [dst]}}

@@ -293,9 +293,9 @@ def test_server_node_definitions(server):
     assert "text_encoders/tiny_t5_bf16.safetensors" in q["model_name"][0]
 
 
-def _lowbit_loader(name, backend="auto"):
+def _lowbit_loader(name, backend="auto", compute_dtype="auto"):
     return {"class_type": "LowBitDiffusionModelLoader",
-            "inputs": {"model_name": name, "backend": backend, "compute_dtype": "auto"}}
+            "inputs": {"model_name": name, "backend": backend, "compute_dtype": compute_dtype}}
 
 
 def _unet_loader(name):
@@ -379,6 +379,32 @@ def test_server_rejects_a_16bit_file_with_its_name(server):
 
     with pytest.raises(ComfyError, match=r"tiny_flux_bf16\.safetensors: not a lowbit checkpoint"):
         server.run(_sampling(_lowbit_loader("tiny_flux_bf16.safetensors"), "t/bad"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_server_compute_dtype(server, latent16, dtype):
+    """compute_dtype sets the dtype the model is stored in (ComfyUI picks float32 on CPU otherwise and computes
+    in float32 there, so bfloat16 matches auto exactly, float16 rounds the scales): still close."""
+    lat = _latent(server, server.run(_sampling(_lowbit_loader("tiny_flux_w4a4.safetensors", "auto", dtype), f"t/{dtype}")))
+    rel = _rel(lat, latent16)
+    print(f"W4A4 with compute_dtype {dtype}: latent relative distance to the 16-bit model {rel:.4f}")
+    assert torch.isfinite(lat).all() and rel < LATENT_TOL["svdq_w4a4"]
+
+
+def test_server_refusals_name_the_problem(server):
+    """Calibrating a lowbit model and quantizing a lowbit file are refused with the reason."""
+    from comfyui_harness import ComfyError
+
+    wf = _sampling(_lowbit_loader("tiny_flux_w4a4.safetensors"), "t/calib_bad", model_node="10")
+    wf["10"] = {"class_type": "LowBitCalibrate", "inputs": {"model": ["1", 0]}}
+    with pytest.raises(ComfyError, match=r"LowBit Calibrate needs the 16-bit model"):
+        server.run(wf)
+    quant = {"1": {"class_type": "LowBitQuantizeModel", "inputs": {
+        "model_name": "diffusion_models/tiny_flux_w4a4.safetensors", "format": "ternary", "rank": 16,
+        "calibration": "none (data-free)", "output_name": "requantized"}}}
+    with pytest.raises(ComfyError, match=r"tiny_flux_w4a4\.safetensors is already a lowbit 'flux' checkpoint"):
+        server.run(quant)
+    assert not (server.models / "diffusion_models" / "requantized.safetensors").exists()
 
 
 def test_server_text_encoders_lowbit_t5_and_clip_l(server):
