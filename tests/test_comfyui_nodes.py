@@ -215,6 +215,34 @@ def test_unknown_layer_config_is_a_clear_error(comfy, tiny_flux):
         comfy.sd.load_diffusion_model_state_dict(_bfl(qsd), model_options={"custom_operations": make_ops(layers, source="x.safetensors")})
 
 
+def test_backend_choice_is_per_model_during_sampling(comfy, tmp_path):
+    """backend='reference' holds inside this model's calls only (an APPLY_MODEL wrapper, kept by clones);
+    outside them the process default is untouched. backend='triton' on a CPU-only ComfyUI is refused at load."""
+    import comfy.sample
+    from tiny_models import write_tiny_lowbit_flux
+
+    from comfyui_lowbit import kernels
+    from comfyui_lowbit.nodes.loaders import load_lowbit_diffusion_model
+    from comfyui_lowbit.nodes.ops import lowbit_modules
+
+    path = write_tiny_lowbit_flux(tmp_path / "w4a4.safetensors", "svdq_w4a4", rank=16, vec_in_dim=64)
+    mp = load_lowbit_diffusion_model(path, None, "reference").clone()
+    seen = []
+    layer = next(iter(lowbit_modules(mp.model.diffusion_model).values()))
+    layer.register_forward_pre_hook(lambda m, a: seen.append(kernels.requested_backend()))
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 8, 128, generator=g), {"pooled_output": torch.randn(1, 64, generator=g), "guidance": 3.5}]]
+    latent = torch.zeros(1, 16, 4, 4)
+    noise = torch.randn(latent.shape, generator=g)
+    out = comfy.sample.sample(mp, noise, 2, 1.0, "euler", "simple", cond, cond, latent, disable_pbar=True, seed=0)
+    assert torch.isfinite(out).all()
+    assert seen and set(seen) == {"reference"}
+    assert kernels.requested_backend() == os.environ.get("LOWBIT_BACKEND", "auto")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="backend 'triton' needs a GPU"):
+            load_lowbit_diffusion_model(path, None, "triton")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Headless ComfyUI server (one per module): tiny FLUX / T5 / CLIP-L files (tests/tiny_models.py, quantized
 # through quant_ops.convert) in a temporary base directory, API workflows over HTTP. The tiny FLUX reads
@@ -379,6 +407,26 @@ def test_server_rejects_a_16bit_file_with_its_name(server):
 
     with pytest.raises(ComfyError, match=r"tiny_flux_bf16\.safetensors: not a lowbit checkpoint"):
         server.run(_sampling(_lowbit_loader("tiny_flux_bf16.safetensors"), "t/bad"))
+
+
+def test_server_core_model_patch_applies_to_lowbit_model(server):
+    """ComfyUI's ModelSamplingFlux (an object patch on the MODEL) changes the lowbit model's result the way it
+    changes the 16-bit model's, and the patched lowbit latent stays near the patched 16-bit one."""
+    def patched(loader, prefix):
+        wf = _sampling(loader, prefix, model_node="10")
+        wf["10"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["1", 0], "max_shift": 3.0,
+                                                                  "base_shift": 2.0, "width": 32, "height": 32}}
+        return _latent(server, server.run(wf))
+
+    p16 = patched(_unet_loader("tiny_flux_bf16.safetensors"), "t/p16")
+    plow = patched(_lowbit_loader("tiny_flux_w4a4.safetensors"), "t/plow")
+    plain = _LOWBIT_LATENTS.get("tiny_flux_w4a4.safetensors")
+    if plain is None:
+        plain = _latent(server, server.run(_sampling(_lowbit_loader("tiny_flux_w4a4.safetensors"), "t/plain")))
+    print(f"ModelSamplingFlux: patched lowbit vs patched 16-bit {_rel(plow, p16):.4f}, patched vs unpatched "
+          f"lowbit {_rel(plow, plain):.4f}")
+    assert _rel(plow, p16) < LATENT_TOL["svdq_w4a4"]
+    assert _rel(plow, plain) > 0.05
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
