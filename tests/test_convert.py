@@ -293,18 +293,6 @@ def test_existing_output_needs_force(tmp_path, tiny, capsys):
     _no_output(tmp_path, "q.safetensors")
 
 
-def _flux_model(sd, info, flux_model):
-    """quant_ops.flux_model.FluxTransformer holding a lowbit checkpoint's tensors."""
-    model = flux_model.FluxTransformer(info.config, device="meta")
-    for name, packed in checkpoint.packed_layers(sd, info).items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, module_from_packed(packed))
-    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k.rpartition(".")[0] not in info.layers},
-                                                strict=False, assign=True)
-    assert not unexpected and all(k.rpartition(".")[0] in info.layers for k in missing)
-    return model
-
-
 # max relative error of one block's output (same inputs) / the whole model's output
 BLOCK_BOUND = {"svdq_w4a4": (0.35, 0.3), "ternary": (0.7, 0.55)}
 
@@ -315,9 +303,9 @@ def test_block_outputs_match_original(quantized, fmt):
     block's output (pure-PyTorch FLUX of quant_ops.flux_model); so does the whole model's output."""
     flux_model = pytest.importorskip("comfyui_lowbit.quant_ops.flux_model")
     sd16 = tiny_flux_state_dict()
-    ref = _flux_model(sd16, checkpoint.CheckpointInfo("16-bit", "flux", 1, {}, TINY_FLUX_CONFIG), flux_model)
+    ref = flux_model.flux_from_state_dict(sd16, TINY_FLUX_CONFIG)
     sd, info = checkpoint.load_checkpoint(quantized[fmt])
-    q = _flux_model(sd, info, flux_model)
+    q = flux_model.flux_from_state_dict(sd, info.config, layers=info.layers)
     kw = flux_model.make_inputs(TINY_FLUX_CONFIG, height=8, width=8, txt_len=8)
     block_bound, model_bound = BLOCK_BOUND[fmt]
 
