@@ -73,3 +73,31 @@ def test_refuses_overwrite_and_full_run_on_cpu(bench_out, capsys):
     assert "exists" in capsys.readouterr().err
     assert cli.main(["bench", "--device", "cpu", "--no-model"]) == 1
     assert "--small" in capsys.readouterr().err
+
+
+def test_fp8_rowwise_baseline_is_a_linear():
+    """The FP8 baseline (GPU only in the benchmark) computes F.linear up to e4m3 rounding; M is padded."""
+    import torch.nn.functional as F
+
+    from comfyui_lowbit.quant_ops.bench import _fp8_linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(64, 128, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()
+    x = torch.randn(5, 128, generator=g).bfloat16()
+    try:
+        y = _fp8_linear(w, b)(x)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm has no CPU FP8 support in this build ({e})")
+    ref = F.linear(x, w, b).float()
+    assert y.shape == (5, 64) and y.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.08
+
+
+@pytest.mark.parametrize("fmt", LAYER_FORMATS)
+def test_random_layers_have_flux_shapes(fmt):
+    from comfyui_lowbit.quant_ops.bench import random_layer
+
+    m = random_layer(fmt, 192, 256, 32, torch.device("cpu"), unsigned=fmt == "w4a4")
+    assert (m.out_features, m.in_features) == (192, 256)
+    y = m(torch.randn(3, 256).bfloat16())
+    assert y.shape == (3, 192) and torch.isfinite(y).all()
