@@ -125,6 +125,24 @@ def test_input_variants_give_the_same_checkpoint(tmp_path, tiny):
         assert _rel_err(module_from_packed(packed), sd16[f"{name}.weight"], sd16[f"{name}.bias"], name) < 0.25, name
 
 
+def test_scaled_fp8_input(tmp_path):
+    """ComfyUI's scaled-fp8 files: fp8 weights times a per-tensor `<L>.scale_weight`."""
+    sd16 = tiny_flux_state_dict()
+    sd = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    for k, v in sd16.items():
+        if v.dim() == 2:
+            scale = v.float().abs().max() / 448
+            sd[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            sd[k[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
+        else:
+            sd[k] = v
+    out, _ = checkpoint.load_checkpoint(convert.quantize_file(_write(sd, tmp_path / "fp8.safetensors"),
+                                                              tmp_path / "q.safetensors", "w4a16")["dst"])
+    assert not any("scale_weight" in k or k == "scaled_fp8" for k in out)
+    w = out["img_in.weight"].float()
+    assert ((w - sd16["img_in.weight"].float()).norm() / sd16["img_in.weight"].float().norm()).item() < 0.05
+
+
 def test_sharded_diffusers_input(tmp_path, tiny):
     """A diffusers `transformer/` folder: shards + diffusion_pytorch_model.safetensors.index.json."""
     d = tiny_flux_state_dict(naming="diffusers")
