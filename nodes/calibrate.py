@@ -29,9 +29,9 @@ class CalibrationStats:
     def _hook(self, name):
         def hook(module, args):
             x = args[0].detach()
-            am = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
+            am = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()  # stays on the device: no sync per layer
             prev = self.absmax.get(name)
-            self.absmax[name] = am if prev is None else torch.maximum(prev, am)
+            self.absmax[name] = am if prev is None else torch.maximum(prev.to(am.device), am)
         return hook
 
     def apply_model_wrapper(self, executor, *args, **kwargs):
@@ -47,7 +47,7 @@ class CalibrationStats:
         return out
 
     def tensors(self) -> dict:
-        return {f"{name}.input_absmax": t.contiguous() for name, t in sorted(self.absmax.items())}
+        return {f"{name}.input_absmax": t.cpu().contiguous() for name, t in sorted(self.absmax.items())}
 
     def save(self, path: str) -> str:
         if not self.absmax:
