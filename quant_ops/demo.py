@@ -49,7 +49,35 @@ def _quantize_threads(device):
         torch.set_num_threads(n)
 
 
-def run_demo(tiny=False, device=None, seed=0, runs=None, log=print) -> dict:
+CALIBRATED = ("W4A4 r32 calibrated", "svdq_w4a4", 32, {"iters": 3, "alphas": (0.25, 0.5, 0.75), "search_iters": 1})
+
+
+def input_absmax(model, inputs) -> dict:
+    """{layer: per-input-channel absmax (float32)} of the block linears over one forward on `inputs`
+    (what the ComfyUI calibration node records over real prompts)."""
+    from .flux import layer_format
+
+    stats, hooks = {}, []
+
+    def hook(name):
+        def pre(module, args):
+            a = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(dim=0)
+            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+        return pre
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and layer_format(name, "svdq_w4a4") == "svdq_w4a4":
+            hooks.append(m.register_forward_pre_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def run_demo(tiny=False, device=None, seed=0, runs=None, log=print, calibrate=False) -> dict:
     """Returns {"config", "device", "backend", "tokens", "rows": [{label, format, rank, weight_bytes,
     size_ratio, rel_error, ms, quantize_s}]}; rel_error is the relative L2 error of the transformer output
     against the BF16 model on the same inputs."""
@@ -64,11 +92,15 @@ def run_demo(tiny=False, device=None, seed=0, runs=None, log=print) -> dict:
     inputs = make_inputs(cfg, height=hw[0], width=hw[1], txt_len=txt, seed=seed + 1, device=device)
     with torch.no_grad():
         ref = base(**inputs).float()
+    variants = [(*v, None) for v in VARIANTS]
+    if calibrate:  # smoothing from activation statistics, collected on other inputs than the evaluation's
+        cal_inputs = make_inputs(cfg, height=hw[0], width=hw[1], txt_len=txt, seed=seed + 2, device=device)
+        variants.insert(2, (*CALIBRATED, input_absmax(base, cal_inputs)))
     rows = []
-    for label, fmt, rank, opts in VARIANTS:
+    for label, fmt, rank, opts, absmax in variants:
         t0 = time.time()
         with _quantize_threads(device):
-            model = base if fmt is None else quantize_flux(copy.deepcopy(base), fmt, rank=rank, **opts)
+            model = base if fmt is None else quantize_flux(copy.deepcopy(base), fmt, rank=rank, act_absmax=absmax, **opts)
         qs = time.time() - t0
         with torch.no_grad():
             out = model(**inputs).float()
@@ -95,8 +127,11 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['label']} | {r['weight_bytes'] / 1e6:.2f} | {r['size_ratio']:.2f}x | {r['rel_error']:.4f} | "
                      f"{r['ms']:.1f} |")
+    calibrated = any(r["label"] == CALIBRATED[0] for r in result["rows"])
     lines += ["", "Blocks are quantized (modulation layers W4A16); embedders and the final layer stay BF16. "
-                  "Data-free quantization (no calibration); errors are for random weights, not a trained model."]
+                  + ("Data-free quantization except the calibrated row (SVDQuant smoothing from input statistics of "
+                     "one forward on other inputs)" if calibrated else "Data-free quantization (no calibration)")
+                  + "; errors are for random weights, not a trained model."]
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +171,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=None,
                    help="timed forwards per format, median reported (default 5 on a GPU, 1 on CPU)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="add a W4A4 row quantized with smoothing from activation statistics (slower)")
     p.add_argument("--comfyui", metavar="PATH", default=None,
                    help="also run a shipped workflow headless through the ComfyUI checkout at PATH, on tiny "
                         "stand-in models (needs the pack's tests/ folder, pytest and ComfyUI's requirements)")
@@ -153,7 +190,8 @@ def run(args) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    result = run_demo(tiny=args.tiny, device=args.device, seed=args.seed, runs=args.runs, log=log)
+    result = run_demo(tiny=args.tiny, device=args.device, seed=args.seed, runs=args.runs, log=log,
+                      calibrate=args.calibrate)
     print(format_table(result), end="")
     if args.comfyui:
         log(f"running workflows/{args.workflow} headless through {args.comfyui} ...")

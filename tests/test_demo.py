@@ -56,9 +56,13 @@ def test_table_rows_and_errors(demo_output):
     assert t0["mb"] < w4_0["mb"] < w4["mb"] < bf16["mb"]
 
 
-def test_run_demo_result_and_relative_error():
-    r = demo.run_demo(tiny=True, device="cpu", log=lambda m: None)
+def test_run_demo_result_and_calibrated_row():
+    r = demo.run_demo(tiny=True, device="cpu", log=lambda m: None, calibrate=True)
     rows = {row["label"]: row for row in r["rows"]}
+    assert [row["label"] for row in r["rows"]][:3] == ["BF16", "W4A4 r32", demo.CALIBRATED[0]]
+    cal = rows[demo.CALIBRATED[0]]
+    assert cal["format"] == "svdq_w4a4" and 0 < cal["rel_error"] < rows["W4A4 r0 (no low-rank)"]["rel_error"]
+    assert demo.CALIBRATED[0] in demo.format_table(r) and "calibrated row" in demo.format_table(r)
     assert r["backend"] == "reference" and r["tokens"] == (64, 16)
     assert rows["W4A4 r32"]["format"] == "svdq_w4a4" and rows["ternary r64"]["rank"] == 64
     assert rows["W4A4 r32"]["quantize_s"] > 0 and rows["BF16"]["quantize_s"] is None
