@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 T5_CONFIG = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_size=32128,
                  dense_act_fn="gelu_pytorch_tanh", is_gated_act=True, model_type="t5",
                  relative_attention_num_buckets=32, layer_norm_epsilon=1e-6)
-FLUX_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=T5_CONFIG["d_model"], hidden_size=256,
+FLUX_CONFIG = dict(in_channels=16, vec_in_dim=768, context_in_dim=T5_CONFIG["d_model"], hidden_size=256,
                    mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56], theta=10000,
                    qkv_bias=True, guidance_embed=True)
 
@@ -46,6 +46,7 @@ def flux_state_dict(seed: int = 0, guidance_embed: bool = True) -> dict:
     import comfy.ops
 
     cfg = {**FLUX_CONFIG, "guidance_embed": guidance_embed}
+    # ComfyUI counts latent channels (16) where BFL's config counts patchified ones (64)
     model = comfy.ldm.flux.model.Flux(image_model="flux", out_channels=cfg["in_channels"], patch_size=2,
                                       txt_ids_dims=[], operations=comfy.ops.manual_cast, device="cpu",
                                       dtype=torch.float32, **cfg)
