@@ -208,6 +208,8 @@ def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None
     if n_quant != len(layers):
         raise ValueError(f"{' + '.join(paths)}: lowbit.layers lists {len(layers)} quantized layers but the text "
                          f"encoders took {n_quant}; the layer names do not match ComfyUI's T5 / CLIP")
+    if layers:  # LoraLoader's clip LoRAs on quantized layers go into their low-rank branch too
+        clip.patcher = _wrap_patcher(clip.patcher)
     return clip
 
 
