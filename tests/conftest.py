@@ -1,6 +1,11 @@
-"""Shared pytest behaviour: tests marked `gpu` skip unless torch sees a CUDA (or ROCm) device."""
+"""Shared pytest behaviour: tests marked `gpu` skip unless torch sees a CUDA (or ROCm) device; torch runs
+on one CPU thread (the tests use small tensors, and on a busy 2-core machine multi-threaded SVDs of small
+matrices spin and run ~50x slower)."""
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
