@@ -85,7 +85,7 @@ def run_demo(tiny=False, device=None, seed=0, runs=None, log=print, calibrate=Fa
     from .flux_model import make_inputs, quantize_flux, random_flux, weight_bytes
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    runs = runs or (5 if device.type == "cuda" else 1)
+    runs = runs or (5 if device.type == "cuda" else 3)
     cfg = TINY_CONFIG if tiny else DEMO_CONFIG
     hw, txt = ((8, 8), 16) if tiny else ((16, 16), 64)
     base = random_flux(cfg, seed=seed, dtype=torch.bfloat16, device=device)
@@ -170,7 +170,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=None,
-                   help="timed forwards per format, median reported (default 5 on a GPU, 1 on CPU)")
+                   help="timed forwards per format, median reported (default 5 on a GPU, 3 on CPU)")
     p.add_argument("--calibrate", action="store_true",
                    help="add a W4A4 row quantized with smoothing from activation statistics (slower)")
     p.add_argument("--comfyui", metavar="PATH", default=None,

@@ -321,8 +321,6 @@ def flux_from_checkpoint(path: str, device="cpu") -> FluxTransformer:
 
 OUTLIER_INPUTS = 4      # input columns per weight scaled up (weight outliers)
 OUTLIER_HIDDEN = 4      # hidden channels carrying large activations (massive-activation channels)
-
-
 LOWRANK = 8             # rank of the structured part of each random weight
 
 
@@ -370,7 +368,6 @@ def random_flux(config: dict, seed: int = 0, dtype=torch.bfloat16, device="cpu",
     for name, m in list(model.named_modules()):
         if not name or next(m.parameters(recurse=False), None) is None:
             continue
-        m.to_empty(device=device, recurse=False)
         _init_leaf(name, m, g, device, dtype, config)
         if quantize is not None and isinstance(m, nn.Linear):
             q = quantize(name, m)
