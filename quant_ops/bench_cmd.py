@@ -1,4 +1,5 @@
 """`lowbit bench`: layer and whole-model latency vs BF16 / FP8 (see quant_ops/bench.py)."""
+import argparse
 import sys
 
 from .bench import LAYER_FORMATS, MODEL_FORMATS, RANK
@@ -10,8 +11,11 @@ def _csv(kind, allowed=None):
         if allowed is not None:
             bad = [t for t in items if t not in allowed]
             if bad:
-                raise ValueError(f"{bad[0]!r}")
-        return [kind(t) for t in items]
+                raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}, expected some of {','.join(allowed)}")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
     return parse
 
 
