@@ -9,13 +9,6 @@ from comfyui_lowbit import cli
 from comfyui_lowbit.quant_ops.bench import LAYER_FORMATS, MODEL_FORMATS, layer_shapes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # MKL SVD is far slower with 2 threads on a busy machine
-    yield
-    torch.set_num_threads(n)
-
 
 def _positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0

@@ -7,7 +7,6 @@ Needs a ComfyUI checkout (0.29.0) in COMFYUI_PATH and its Python environment:
 import hashlib
 import logging
 import os
-import sys
 
 import pytest
 import torch
@@ -22,20 +21,6 @@ TINY = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, 
             mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56], theta=10000,
             patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
 
-
-@pytest.fixture(scope="module")
-def comfy():
-    if COMFY not in sys.path:
-        sys.path.insert(0, COMFY)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.lora
-    import comfy.model_management
-    import comfy.ops
-    import comfy.sd
-
-    return comfy
 
 
 @pytest.fixture(autouse=True)

@@ -29,20 +29,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def comfy():
-    """ComfyUI imported in this process, CPU only."""
-    if COMFY not in sys.path:
-        sys.path.insert(0, COMFY)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management
-    import comfy.ops
-    import comfy.sd
-
-    return comfy
-
 
 def _randomize(module, seed):
     g = torch.Generator().manual_seed(seed)

@@ -3,7 +3,6 @@
     COMFYUI_PATH=/work/comfyui /work/cvenv/bin/python -m pytest -q tests/test_comfyui_nunchaku.py
 """
 import os
-import sys
 
 import pytest
 import torch
@@ -13,17 +12,6 @@ COMFY = os.environ.get("COMFYUI_PATH")
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFY, reason="COMFYUI_PATH is not set (point it at a ComfyUI 0.29.0 checkout)")]
 
-
-@pytest.fixture(scope="module")
-def comfy():
-    if COMFY not in sys.path:
-        sys.path.insert(0, COMFY)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.sd
-
-    return comfy
 
 
 def test_loader_takes_a_nunchaku_file_like_its_converted_checkpoint(comfy, tmp_path):

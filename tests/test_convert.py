@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import (FAST, TINY_FLUX_CONFIG, TINY_T5_CONFIG, one_thread, tiny_clip_l_state_dict, tiny_flux_state_dict,
                          tiny_t5_state_dict, write_tiny_flux, write_tiny_t5)

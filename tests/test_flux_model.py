@@ -11,13 +11,6 @@ from comfyui_lowbit.quant_ops.flux_model import (
 CFG = dict(TINY_FLUX_CONFIG)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # MKL SVD is far slower with 2 threads on a busy machine
-    yield
-    torch.set_num_threads(n)
-
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -10,7 +10,6 @@ import nunchaku_layout as nl
 from tiny_models import TINY_FLUX_CONFIG, tiny_flux_state_dict
 
 from comfyui_lowbit import cli
-from comfyui_lowbit.kernels.packing import unpack_int4
 from comfyui_lowbit.kernels.reference import dequant_int4
 from comfyui_lowbit.quant_ops import checkpoint, nunchaku
 from comfyui_lowbit.quant_ops.formats import W4A4Weights
