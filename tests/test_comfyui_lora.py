@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from synthetic import quantize_linears, randomize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 COMFY = os.environ.get("COMFYUI_PATH")
@@ -28,15 +29,6 @@ def _reference_backend(monkeypatch):
     monkeypatch.setenv("LOWBIT_BACKEND", "reference")
 
 
-def _randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    for n, p in module.named_parameters():
-        v = torch.randn(p.shape, generator=g) * (0.05 if p.dim() > 1 else 0.1)
-        if "norm" in n or n.endswith("scale"):
-            v = 1 + v
-        p.data = v.to(p.dtype)
-
-
 TERNARY = "double_blocks.1.img_attn.proj"  # ternary without a branch: a LoRA creates one
 
 
@@ -46,26 +38,14 @@ def _select(name, module):
     return "w4a16" if name.endswith(".lin") else "ternary" if name == TERNARY else "svdq_w4a4"
 
 
-def _quantize_sd(model, rank=16):
-    from comfyui_lowbit import quant_ops
+def _layer_args(name, fmt):
+    if fmt == "svdq_w4a4":
+        return {"iters": 3, **({"act_unsigned": True} if name.endswith((".img_mlp.2", ".txt_mlp.2")) else {})}
+    return {"rank": 0, "iters": 1} if fmt == "ternary" else {}
 
-    sd, layers = {}, {}
-    for n, m in model.named_modules():
-        fmt = _select(n, m) if isinstance(m, torch.nn.Linear) else None
-        if fmt:
-            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            lin.weight.data = m.weight.detach().float()
-            if m.bias is not None:
-                lin.bias.data = m.bias.detach().float()
-            opts = dict(act_unsigned=True) if n.endswith((".img_mlp.2", ".txt_mlp.2")) else {}
-            opts = {"iters": 3, **opts} if fmt == "svdq_w4a4" else {"iters": 1} if fmt == "ternary" else {}
-            r = 0 if fmt == "ternary" else rank
-            packed = quant_ops.quantize_linear(lin, fmt, rank=r, dtype=torch.bfloat16, **opts).packed()
-            layers[n] = packed.config()
-            sd.update({f"{n}.{k}": v for k, v in packed.tensors().items()})
-    for k, v in model.state_dict().items():
-        if k.rsplit(".", 1)[0] not in layers:
-            sd[k] = v.clone()
+
+def _quantize_sd(model, rank=16):
+    sd, layers = quantize_linears(model, _select, rank, _layer_args)
     return {k.replace("_norm.weight", "_norm.scale"): v for k, v in sd.items()}, layers
 
 
@@ -78,14 +58,9 @@ def models(comfy):
     from comfyui_lowbit.nodes.patcher import wrap_patcher
 
     flux = comfy.ldm.flux.model.Flux(operations=comfy.ops.manual_cast, dtype=torch.bfloat16, **TINY)
-    _randomize(flux, 0)
+    randomize_module(flux, 0)
     sd16 = {k.replace("_norm.weight", "_norm.scale"): v.clone() for k, v in flux.state_dict().items()}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # this torch's MKL SVD is ~100x slower with 2 threads on a busy machine
-    try:
-        qsd, layers = _quantize_sd(flux)
-    finally:
-        torch.set_num_threads(threads)
+    qsd, layers = _quantize_sd(flux)
     mp16 = comfy.sd.load_diffusion_model_state_dict(sd16)
     mpq = wrap_patcher(comfy.sd.load_diffusion_model_state_dict(qsd, model_options={"custom_operations": make_ops(layers)}))
     return mp16, mpq, layers

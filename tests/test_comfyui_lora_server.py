@@ -63,12 +63,7 @@ def server(tmp_path_factory):
     srv._layout()
     dm = srv.models / "diffusion_models"
     write_tiny_flux(dm / "tiny_bf16.safetensors", seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # this torch's MKL SVD is far slower with 2 threads on a busy machine
-    try:
-        write_tiny_lowbit_flux(dm / "tiny_w4a4.safetensors", fmt="svdq_w4a4", rank=16, seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    write_tiny_lowbit_flux(dm / "tiny_w4a4.safetensors", fmt="svdq_w4a4", rank=16, seed=0)
     save_file(diffusers_lora(1), str(srv.models / "loras" / "style_diffusers.safetensors"))
     save_file(kohya_lora(2), str(srv.models / "loras" / "detail_kohya.safetensors"))
     with srv:

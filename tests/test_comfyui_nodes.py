@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from synthetic import quantize_linears, randomize_module
 
 COMFY = os.environ.get("COMFYUI_PATH")
 pytestmark = [pytest.mark.comfyui,
@@ -20,47 +21,6 @@ TINY_T5 = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_
                is_gated_act=True, model_type="t5", relative_attention_num_buckets=32, layer_norm_epsilon=1e-6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU they make SVDs 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
-def _randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    for n, p in module.named_parameters():
-        v = torch.randn(p.shape, generator=g) * (0.05 if p.dim() > 1 else 0.1)
-        if "norm" in n or n.endswith("scale"):
-            v = 1 + v
-        p.data = v.to(p.dtype)
-
-
-def _quantize_sd(model, select, rank=16):
-    """(state dict with the selected linears quantized, lowbit.layers)."""
-    from comfyui_lowbit import quant_ops
-
-    sd, layers = {}, {}
-    quantized = {}
-    for n, m in model.named_modules():
-        fmt = select(n, m) if isinstance(m, torch.nn.Linear) else None
-        if fmt:
-            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            lin.weight.data = m.weight.detach().float()
-            if m.bias is not None:
-                lin.bias.data = m.bias.detach().float()
-            packed = quant_ops.quantize_linear(lin, fmt, rank=rank, dtype=torch.bfloat16).packed()
-            quantized[n] = packed
-            layers[n] = packed.config()
-            sd.update({f"{n}.{k}": v for k, v in packed.tensors().items()})
-    for k, v in model.state_dict().items():
-        if k.rsplit(".", 1)[0] not in quantized:
-            sd[k] = v.clone()
-    return sd, layers
-
 
 _QUANTIZED = {}
 
@@ -68,7 +28,7 @@ _QUANTIZED = {}
 def _quantized_flux(model, fmt):
     """(state dict, layers) of the in-process tiny FLUX quantized with block format `fmt`, computed once."""
     if fmt not in _QUANTIZED:
-        _QUANTIZED[fmt] = _quantize_sd(model, _flux_fmt(fmt))
+        _QUANTIZED[fmt] = quantize_linears(model, _flux_fmt(fmt))
     sd, layers = _QUANTIZED[fmt]
     return dict(sd), {k: dict(v) for k, v in layers.items()}
 
@@ -92,7 +52,7 @@ def tiny_flux(comfy):
     import comfy.ldm.flux.model
 
     model = comfy.ldm.flux.model.Flux(operations=comfy.ops.manual_cast, dtype=torch.bfloat16, **TINY)
-    _randomize(model, 0)
+    randomize_module(model, 0)
     return model
 
 
@@ -173,8 +133,8 @@ def test_ops_on_comfy_t5_text_encoder(comfy):
     from comfyui_lowbit.quant_ops import MODULES
 
     t5 = comfy.text_encoders.t5.T5(TINY_T5, torch.bfloat16, None, comfy.ops.manual_cast)
-    _randomize(t5, 2)
-    qsd, layers = _quantize_sd(t5, lambda n, m: "w4a16" if n.startswith("encoder.") else None)
+    randomize_module(t5, 2)
+    qsd, layers = quantize_linears(t5, lambda n, m: "w4a16" if n.startswith("encoder.") else None)
     qt5 = comfy.text_encoders.t5.T5(TINY_T5, torch.bfloat16, None, make_ops(layers))
     missing, unexpected = qt5.load_state_dict(qsd, strict=False)
     assert not missing and not unexpected
@@ -251,7 +211,7 @@ def _tiny_clip_l(comfy, seed=5):
         cfg = json.load(f)
     cfg.update(hidden_size=VEC, num_attention_heads=1, intermediate_size=128, num_hidden_layers=2)
     model = comfy.clip_model.CLIPTextModel(cfg, torch.bfloat16, "cpu", comfy.ops.manual_cast)
-    _randomize(model, seed)
+    randomize_module(model, seed)
     return model, cfg
 
 
@@ -274,7 +234,7 @@ def server(comfy, tmp_path_factory):
     write_tiny_t5(te / "tiny_t5_bf16.safetensors")
     clip, cfg = _tiny_clip_l(comfy)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(te / "tiny_clip_l_bf16.safetensors"))
-    qsd, layers = _quantize_sd(clip, lambda n, m: "w4a16" if n.startswith("text_model.encoder.") else None)
+    qsd, layers = quantize_linears(clip, lambda n, m: "w4a16" if n.startswith("text_model.encoder.") else None)
     checkpoint.save_checkpoint(str(te / "tiny_clip_l_w4a16.safetensors"), qsd, layers, model="clip_l", config=cfg)
     with srv:
         info = srv.get("/object_info")

@@ -18,12 +18,11 @@ def files(tmp_path_factory):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-    from tiny_models import _save, one_thread, tiny_clip_l_state_dict, write_tiny_lowbit_t5, write_tiny_t5
+    from tiny_models import _save, tiny_clip_l_state_dict, write_tiny_lowbit_t5, write_tiny_t5
 
     d = tmp_path_factory.mktemp("te")
-    with one_thread():
-        return (write_tiny_t5(d / "t5.safetensors"), write_tiny_lowbit_t5(d / "t5_lowbit.safetensors"),
-                _save(tiny_clip_l_state_dict(vocab=49408), d / "clip_l.safetensors"))
+    return (write_tiny_t5(d / "t5.safetensors"), write_tiny_lowbit_t5(d / "t5_lowbit.safetensors"),
+            _save(tiny_clip_l_state_dict(vocab=49408), d / "clip_l.safetensors"))
 
 
 def _t5_lora(t5_path, scale=0.05, rank=4) -> dict:

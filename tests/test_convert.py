@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tiny_models import (FAST, TINY_FLUX_CONFIG, TINY_T5_CONFIG, one_thread, tiny_clip_l_state_dict, tiny_flux_state_dict,
+from tiny_models import (FAST, TINY_FLUX_CONFIG, TINY_T5_CONFIG, tiny_clip_l_state_dict, tiny_flux_state_dict,
                          tiny_t5_state_dict, write_tiny_flux, write_tiny_t5)
 
 from comfyui_lowbit import cli
@@ -18,12 +18,6 @@ from comfyui_lowbit.quant_ops import checkpoint, convert, flux, module_from_pack
 # max relative output error of one quantized layer vs its 16-bit original (Gaussian / GELU inputs)
 ERROR_BOUND = {"svdq_w4a4": 0.2, "w4a16": 0.25, "ternary": 0.5}
 RANK = {"svdq_w4a4": 16, "ternary": 32, "w4a16": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

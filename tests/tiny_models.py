@@ -5,14 +5,13 @@ the tiny T5's d_model, so the two work together in ComfyUI (T5 through model_opt
 img_in reads 64 channels (16 latent channels x 2x2 patches) as in real FLUX. Weights are heavy-tailed
 (Student-t) with a few outlier input channels, like real transformer weights.
 """
-import contextlib
 import os
 import tempfile
 
 import torch
 from safetensors.torch import save_file
 
-from comfyui_lowbit.quant_ops import flux
+from comfyui_lowbit.quant_ops import flux, t5
 
 TINY_T5_CONFIG = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_size=32128,
                       dense_act_fn="gelu_pytorch_tanh", is_gated_act=True, model_type="t5",
@@ -95,20 +94,7 @@ def _diffusers_keys(sd: dict) -> list:
 def tiny_t5_state_dict(seed=0, dtype=torch.bfloat16, config=None) -> dict:
     """A tiny T5 encoder with ComfyUI's T5 key names (gated GELU, relative bias in block 0)."""
     c = {**TINY_T5_CONFIG, **(config or {})}
-    d, inner, ff = c["d_model"], c["d_kv"] * c["num_heads"], c["d_ff"]
-    shapes = {"shared.weight": (c["vocab_size"], d), "encoder.final_layer_norm.weight": (d,),
-              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-                  (c["relative_attention_num_buckets"], c["num_heads"])}
-    for i in range(c["num_layers"]):
-        p = f"encoder.block.{i}.layer"
-        for n in "qkv":
-            shapes[f"{p}.0.SelfAttention.{n}.weight"] = (inner, d)
-        shapes[f"{p}.0.SelfAttention.o.weight"] = (d, inner)
-        shapes[f"{p}.0.layer_norm.weight"] = (d,)
-        for n in ("wi_0", "wi_1") if c["is_gated_act"] else ("wi",):
-            shapes[f"{p}.1.DenseReluDense.{n}.weight"] = (ff, d)
-        shapes[f"{p}.1.DenseReluDense.wo.weight"] = (d, ff)
-        shapes[f"{p}.1.layer_norm.weight"] = (d,)
+    shapes = t5.expected_shapes(c)
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for k, s in sorted(shapes.items()):
@@ -155,17 +141,6 @@ def write_tiny_t5(path, seed=0, dtype=torch.bfloat16) -> str:
     return _save(tiny_t5_state_dict(seed, dtype), path)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread: on a small shared CPU, multi-threaded SVDs of tiny matrices spin and run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 FAST = {"iters": 3}  # few low-rank refinement steps: seconds instead of a minute on a busy CPU
 
 
@@ -174,7 +149,7 @@ def write_tiny_lowbit_flux(path, fmt="svdq_w4a4", rank=16, seed=0, calib=None, o
     (options=None for the quantizers' full defaults)."""
     from comfyui_lowbit.quant_ops import convert
 
-    with tempfile.TemporaryDirectory() as tmp, one_thread():
+    with tempfile.TemporaryDirectory() as tmp:
         src = write_tiny_flux(os.path.join(tmp, "tiny_flux.safetensors"), seed=seed, **overrides)
         convert.quantize_file(src, str(path), fmt, rank=rank, calib=calib, force=True, options=options)
     return str(path)
