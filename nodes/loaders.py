@@ -12,23 +12,13 @@ import folder_paths
 
 from .. import kernels
 from .ops import lowbit_modules, make_ops
+from .patcher import wrap_patcher
 
 log = logging.getLogger("comfyui_lowbit")
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 T5_CONFIG_KEYS = ("d_ff", "d_kv", "d_model", "num_heads", "num_layers", "vocab_size", "dense_act_fn",
                   "is_gated_act", "relative_attention_num_buckets", "layer_norm_epsilon")
-
-
-def _wrap_patcher(model_patcher):
-    """Route LoRA patches into the quantized layers' low-rank branch (nodes/patcher.py, when present)."""
-    try:
-        from .patcher import wrap_patcher
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.patcher":
-            raise
-        return model_patcher
-    return wrap_patcher(model_patcher)
 
 
 def check_backend(backend: str) -> None:
@@ -94,7 +84,7 @@ def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, bac
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "lowbit_backend",
                                      _backend_wrapper(backend))
     patcher.cached_patcher_init = (load_lowbit_diffusion_model, (path, dtype, backend))
-    return _wrap_patcher(patcher)
+    return wrap_patcher(patcher)
 
 
 class LowBitDiffusionModelLoader:
@@ -209,7 +199,7 @@ def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None
         raise ValueError(f"{' + '.join(paths)}: lowbit.layers lists {len(layers)} quantized layers but the text "
                          f"encoders took {n_quant}; the layer names do not match ComfyUI's T5 / CLIP")
     if layers:  # LoraLoader's clip LoRAs on quantized layers go into their low-rank branch too
-        clip.patcher = _wrap_patcher(clip.patcher)
+        clip.patcher = wrap_patcher(clip.patcher)
     return clip
 
 

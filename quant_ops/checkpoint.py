@@ -123,30 +123,18 @@ def save_checkpoint(path: str, tensors: dict, layers: dict, model: str, config: 
     return path
 
 
-def tensor_bytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def bf16_bytes(sd: dict, info: CheckpointInfo) -> int:
-    """Size of a BF16 copy: quantized layers at their logical (N, K) shape, the rest at 2 bytes/element."""
+def logical_size(sd: dict, info: CheckpointInfo) -> tuple[int, int]:
+    """(parameter count, bytes of a BF16 copy): quantized layers at their logical (N, K) shape plus bias,
+    other tensors as stored (BF16 bytes for floating-point ones only)."""
     layers = packed_layers(sd, info)
     quant_keys = {f"{n}.{k}" for n, p in layers.items() for k in p.tensors()}
-    total = sum(2 * t.numel() for k, t in sd.items() if k not in quant_keys and t.is_floating_point())
+    params = sum(t.numel() for k, t in sd.items() if k not in quant_keys)
+    bf16 = sum(2 * t.numel() for k, t in sd.items() if k not in quant_keys and t.is_floating_point())
     for p in layers.values():
-        n, k = p.out_features, p.in_features
-        total += 2 * n * k + (2 * n if p.bias is not None else 0)
-    return total
-
-
-def parameter_count(sd: dict, info: CheckpointInfo) -> int:
-    layers = packed_layers(sd, info)
-    quant_keys = {f"{n}.{k}" for n, p in layers.items() for k in p.tensors()}
-    total = sum(t.numel() for k, t in sd.items() if k not in quant_keys)
-    for p in layers.values():
-        n, k = p.out_features, p.in_features
-        total += n * k + (n if p.bias is not None else 0)
-    return total
+        n = p.out_features * p.in_features + (p.out_features if p.bias is not None else 0)
+        params, bf16 = params + n, bf16 + 2 * n
+    return params, bf16
 
 
 __all__ = ["CheckpointInfo", "NotALowbitCheckpoint", "read_info", "load_checkpoint", "packed_layers",
-           "save_checkpoint", "tensor_bytes", "bf16_bytes", "parameter_count"]
+           "save_checkpoint", "logical_size"]

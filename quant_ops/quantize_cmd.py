@@ -75,18 +75,18 @@ def run_quantize(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from .checkpoint import bf16_bytes, load_checkpoint, parameter_count, read_info
+    from .checkpoint import load_checkpoint, logical_size
 
-    info = read_info(args.file)  # NotALowbitCheckpoint (a ValueError) -> one line, exit 1
-    sd, info = load_checkpoint(args.file)
-    size, bf16 = os.path.getsize(args.file), bf16_bytes(sd, info)
+    sd, info = load_checkpoint(args.file)  # NotALowbitCheckpoint (a ValueError) -> one line, exit 1
+    params, bf16 = logical_size(sd, info)
+    size = os.path.getsize(args.file)
     print(f"file:            {args.file}")
     print(f"lowbit format:   version {info.format_version}, model {info.model}")
     for fmt, n in sorted(info.format_counts().items()):
         print(f"  {fmt:<14} {n} layers")
     n16 = len({k.rpartition('.')[0] for k in sd} - set(info.layers))
     print(f"  {'16-bit':<14} {n16} layers/tensor groups")
-    print(f"parameters:      {parameter_count(sd, info) / 1e6:.2f} M")
+    print(f"parameters:      {params / 1e6:.2f} M")
     print(f"size on disk:    {_gb(size)}")
     print(f"BF16 copy:       {_gb(bf16)} ({bf16 / max(size, 1):.2f}x the size on disk)")
     if info.config:
