@@ -1,23 +1,15 @@
-"""Stand-in model files for headless ComfyUI tests, built with ComfyUI's own classes (so every key and
-shape is what ComfyUI expects) and filled with seeded random weights. Needs ComfyUI importable
-(COMFYUI_PATH on sys.path, run under ComfyUI's Python).
+"""Stand-in model files for headless ComfyUI tests that tests/tiny_models.py does not make, built with
+ComfyUI's own classes (so every key and shape is what ComfyUI expects) and filled with seeded random
+weights. Needs ComfyUI importable (COMFYUI_PATH on sys.path, run under ComfyUI's Python).
 
-Sizes: a tiny FLUX (hidden 256, 2+2 blocks) whose text width matches a tiny T5 (d_model 128, full T5
-vocabulary so the real tokenizer's ids fit), a full-size CLIP-L (FLUX's pooled input is CLIP-L's 768,
-and ComfyUI hard-codes its config) and the FLUX VAE with a thin decoder (32 channels) and no encoder.
+A full-size CLIP-L (the tiny FLUX's pooled input is CLIP-L's 768, and ComfyUI hard-codes the config of a
+plain CLIP-L file), the FLUX VAE with a thin decoder (32 channels) and no encoder, and BFL-key LoRAs.
 """
 import json
 import os
 
 import torch
 from safetensors.torch import save_file
-
-T5_CONFIG = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_size=32128,
-                 dense_act_fn="gelu_pytorch_tanh", is_gated_act=True, model_type="t5",
-                 relative_attention_num_buckets=32, layer_norm_epsilon=1e-6)
-FLUX_CONFIG = dict(in_channels=16, vec_in_dim=768, context_in_dim=T5_CONFIG["d_model"], hidden_size=256,
-                   mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56], theta=10000,
-                   qkv_bias=True, guidance_embed=True)
 
 
 def _fill(sd: dict, seed: int, scale: float = 0.05) -> dict:
@@ -38,28 +30,6 @@ def _fill(sd: dict, seed: int, scale: float = 0.05) -> dict:
             v = v * scale
         out[k] = v.to(torch.bfloat16 if t.dim() > 1 else torch.float32).contiguous()
     return out
-
-
-def flux_state_dict(seed: int = 0, guidance_embed: bool = True) -> dict:
-    """A tiny FLUX in BFL/ComfyUI names (bf16), built from ComfyUI's Flux class."""
-    import comfy.ldm.flux.model
-    import comfy.ops
-
-    cfg = {**FLUX_CONFIG, "guidance_embed": guidance_embed}
-    # ComfyUI counts latent channels (16) where BFL's config counts patchified ones (64)
-    model = comfy.ldm.flux.model.Flux(image_model="flux", out_channels=cfg["in_channels"], patch_size=2,
-                                      txt_ids_dims=[], operations=comfy.ops.manual_cast, device="cpu",
-                                      dtype=torch.float32, **cfg)
-    sd = _fill(model.state_dict(), seed)
-    return {k: v.to(torch.bfloat16) for k, v in sd.items()}
-
-
-def t5_state_dict(seed: int = 1) -> dict:
-    import comfy.ops
-    import comfy.text_encoders.t5
-
-    model = comfy.text_encoders.t5.T5(dict(T5_CONFIG), torch.float32, "cpu", comfy.ops.manual_cast)
-    return {k: v.to(torch.bfloat16) for k, v in _fill(model.state_dict(), seed).items()}
 
 
 def clip_l_state_dict(seed: int = 2) -> dict:

@@ -35,21 +35,20 @@ def _expected_files(wf: dict) -> set:
             for i in FILE_WIDGETS[n["type"]][1]}
 
 
-def _write_standins(models: Path, scratch: Path):
+def _write_standins(models: Path):
     import comfyui_standins as st
-    from comfyui_lowbit.quant_ops import convert
+    from tiny_models import tiny_flux_state_dict, write_tiny_flux, write_tiny_lowbit_flux, write_tiny_lowbit_t5
 
     dm, te = models / "diffusion_models", models / "text_encoders"
-    dev_sd = st.flux_state_dict(seed=0)
-    dev = st.save(dev_sd, dm / "flux1-dev.safetensors")
-    schnell = st.save(st.flux_state_dict(seed=0, guidance_embed=False), scratch / "flux1-schnell.safetensors")
-    convert.quantize_file(dev, str(dm / "flux1-dev-svdq-w4a4.safetensors"), "svdq_w4a4", rank=16, options=FAST)
-    convert.quantize_file(schnell, str(dm / "flux1-schnell-svdq-w4a4.safetensors"), "svdq_w4a4", rank=16, options=FAST)
-    convert.quantize_file(dev, str(dm / "flux1-dev-ternary-r64.safetensors"), "ternary", rank=64, options=FAST)
-    t5 = st.save(st.t5_state_dict(), scratch / "t5xxl_tiny.safetensors")
-    convert.quantize_file(t5, str(te / "t5xxl-lowbit-w4a16.safetensors"), "w4a16")
+    write_tiny_flux(dm / "flux1-dev.safetensors", seed=0)
+    write_tiny_lowbit_flux(dm / "flux1-dev-svdq-w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST)
+    write_tiny_lowbit_flux(dm / "flux1-schnell-svdq-w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST,
+                           guidance_embed=False)
+    write_tiny_lowbit_flux(dm / "flux1-dev-ternary-r64.safetensors", "ternary", rank=64, options=FAST)
+    write_tiny_lowbit_t5(te / "t5xxl-lowbit-w4a16.safetensors")
     st.save(st.clip_l_state_dict(), te / "clip_l.safetensors")
     st.save(st.vae_state_dict(), models / "vae" / "ae.safetensors")
+    dev_sd = tiny_flux_state_dict(seed=0)
     st.save(st.lora_state_dict(dev_sd, seed=10), models / "loras" / "style-lora.safetensors")
     st.save(st.lora_state_dict(dev_sd, seed=11), models / "loras" / "detail-lora.safetensors")
 
@@ -67,7 +66,7 @@ def server(tmp_path_factory):
     srv = ComfyServer(COMFY, base, python=sys.executable, extra_args=["--cache-classic"])
     srv._layout()
     (srv.models / "vae").mkdir(parents=True, exist_ok=True)
-    _write_standins(srv.models, tmp_path_factory.mktemp("scratch"))
+    _write_standins(srv.models)
     with srv:
         srv.object_info_all = srv.get("/object_info", timeout=60)
         yield srv
