@@ -56,7 +56,8 @@ def _backend_wrapper(backend: str):
 def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, backend: str = "auto",
                                 disable_dynamic: bool = False):
     """A ComfyUI ModelPatcher for a lowbit FLUX checkpoint (or a Nunchaku INT4 FLUX file) at `path`."""
-    from ..quant_ops import checkpoint, nunchaku
+    from .. import checkpoint
+    from ..checkpoint import nunchaku
 
     check_backend(backend)
     try:
@@ -115,7 +116,7 @@ class LowBitDiffusionModelLoader:
 
 def _read_text_encoder(path: str):
     """(state dict, lowbit info or None) for a lowbit or ordinary 16-bit text encoder file."""
-    from ..quant_ops import checkpoint
+    from .. import checkpoint
 
     try:
         info = checkpoint.read_info(path)
@@ -157,7 +158,7 @@ def _clip_l_config(sd: dict, layers: dict) -> dict | None:
 
 def _t5_config(sd: dict, layers: dict, info) -> dict | None:
     """ComfyUI's T5 config overrides when the encoder is not T5-XXL's size (None if it is)."""
-    from ..quant_ops import t5
+    from ..checkpoint import t5
 
     if info is not None and info.model == "t5" and info.config:
         cfg = {k: info.config[k] for k in T5_CONFIG_KEYS if k in info.config}

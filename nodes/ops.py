@@ -12,7 +12,7 @@ import torch
 
 import comfy.ops
 
-from ..quant_ops.linear import MODULES, LowBitLinear
+from ..quant_ops import MODULES, LowBitLinear
 
 FLOAT16 = (torch.bfloat16, torch.float16)
 

@@ -28,8 +28,7 @@ import logging
 import comfy.model_patcher
 import comfy.weight_adapter
 
-from ..quant_ops.linear import LowBitLinear
-from ..quant_ops.lora import LoraFactor, apply_lora, check_factor, originals, remove_lora
+from ..quant_ops import LoraFactor, LowBitLinear, apply_lora, check_factor, originals, remove_lora
 
 log = logging.getLogger("comfyui_lowbit")
 

@@ -65,7 +65,7 @@ class LowBitQuantizeModel:
         return float("nan")  # always run: a queued quantization must write (or say why it cannot), never be cached
 
     def quantize(self, model_name, format, rank, calibration, output_name):
-        from ..quant_ops import checkpoint, convert
+        from .. import checkpoint
 
         folder, _, name = model_name.partition("/")
         if folder not in FOLDERS:
@@ -90,5 +90,5 @@ class LowBitQuantizeModel:
             comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: nothing is written
 
         device = comfy.model_management.get_torch_device()  # the SVDs run on the GPU when ComfyUI has one
-        convert.quantize_file(src, dst, fmt=format, rank=rank, calib=calib, progress=progress, device=device)
+        checkpoint.quantize_file(src, dst, fmt=format, rank=rank, calib=calib, progress=progress, device=device)
         return {"ui": {"text": [dst]}}

@@ -1,4 +1,4 @@
-"""Test-side writer of Nunchaku's published FLUX layout (the forward direction of quant_ops/nunchaku.py).
+"""Test-side writer of Nunchaku's published FLUX layout (the forward direction of checkpoint/nunchaku.py).
 
 Written from the layout as published (deepcompressor backend/nunchaku/utils.py, backend/tinychat/utils.py,
 backend/nunchaku/convert.py), independently of the importer: each packer cuts the natural tensor into the

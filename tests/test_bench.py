@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_lowbit import cli
-from comfyui_lowbit.quant_ops.bench import LAYER_FORMATS, MODEL_FORMATS, layer_shapes
+from comfyui_lowbit.cli.benchmark import LAYER_FORMATS, MODEL_FORMATS, layer_shapes
 
 
 
@@ -67,7 +67,7 @@ def test_fp8_rowwise_baseline_is_a_linear():
     """The FP8 baseline (GPU only in the benchmark) computes F.linear up to e4m3 rounding; M is padded."""
     import torch.nn.functional as F
 
-    from comfyui_lowbit.quant_ops.bench import _fp8_linear
+    from comfyui_lowbit.cli.benchmark import _fp8_linear
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(64, 128, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()
@@ -83,7 +83,7 @@ def test_fp8_rowwise_baseline_is_a_linear():
 
 @pytest.mark.parametrize("fmt", LAYER_FORMATS)
 def test_random_layers_have_flux_shapes(fmt):
-    from comfyui_lowbit.quant_ops.bench import random_layer
+    from comfyui_lowbit.cli.benchmark import random_layer
 
     m = random_layer(fmt, 192, 256, 32, torch.device("cpu"), unsigned=fmt == "w4a4")
     assert (m.out_features, m.in_features) == (192, 256)

@@ -191,7 +191,7 @@ def test_backend_choice_is_per_model_during_sampling(comfy, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # Headless ComfyUI server (one per module): tiny FLUX / T5 / CLIP-L files (tests/tiny_models.py, quantized
-# through quant_ops.convert) in a temporary base directory, API workflows over HTTP. The tiny FLUX reads
+# through checkpoint.convert) in a temporary base directory, API workflows over HTTP. The tiny FLUX reads
 # T5 width 128 and a pooled vector of 64 (the tiny CLIP-L's width); where no text encoder is involved,
 # the conditioning comes from a seeded test node.
 
@@ -221,7 +221,7 @@ def server(comfy, tmp_path_factory):
     from safetensors.torch import save_file
     from tiny_models import write_tiny_flux, write_tiny_lowbit_flux, write_tiny_t5
 
-    from comfyui_lowbit.quant_ops import checkpoint
+    from comfyui_lowbit import checkpoint
 
     base = tmp_path_factory.mktemp("comfyui")
     # TRITON_INTERPRET is removed so the server is a plain CPU-only ComfyUI (backend=triton must be refused)
@@ -405,7 +405,7 @@ def test_server_text_encoders_lowbit_t5_and_clip_l(server):
     """The quantize node writes a lowbit T5 next to the 16-bit one; LowBit Text Encoders loads it with a
     16-bit or lowbit CLIP-L (either order) through ComfyUI's FLUX text-encoder classes; CLIPTextEncode's
     conditioning then drives KSampler on the tiny FLUX. Reference: the same loader on both 16-bit files."""
-    from comfyui_lowbit.quant_ops import checkpoint
+    from comfyui_lowbit import checkpoint
 
     server.run({"1": {"class_type": "LowBitQuantizeModel", "inputs": {
         "model_name": "text_encoders/tiny_t5_bf16.safetensors", "format": "svdq_w4a4", "rank": 0,
@@ -442,7 +442,7 @@ def test_server_reload_switch_unload_no_growth(server):
     lowbit models, then /free. Counted after sampling inside each prompt, exactly one model's quantized
     modules are alive (no stale copy survives a reload or a switch; --cache-classic keeps only the last
     prompt's outputs), none after the next prompt, and the server's RSS stays within the bound."""
-    from comfyui_lowbit.quant_ops import checkpoint
+    from comfyui_lowbit import checkpoint
 
     n_layers = len(checkpoint.read_info(str(server.models / "diffusion_models" / "tiny_flux_w4a4.safetensors")).layers)
     plan = [("tiny_flux_w4a4.safetensors", "auto"), ("tiny_flux_w4a4.safetensors", "reference"),
@@ -472,7 +472,7 @@ def test_server_calibrate_then_quantize_with_it_then_sample(server, latent16):
     from safetensors import safe_open
 
     from comfyui_harness import ComfyError, output_files
-    from comfyui_lowbit.quant_ops import checkpoint
+    from comfyui_lowbit import checkpoint
 
     wf = _sampling(_unet_loader("tiny_flux_bf16.safetensors"), "t/calib", steps=3, model_node="10")
     wf["10"] = {"class_type": "LowBitCalibrate", "inputs": {"model": ["1", 0]}}

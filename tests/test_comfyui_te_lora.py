@@ -55,7 +55,7 @@ def test_clip_lora_on_lowbit_t5_goes_into_the_branch(files):
     16-bit T5); the conditioning changes; removing the LoRA restores the base conditioning and packed weights."""
     import comfy.sd
     from comfyui_lowbit.nodes.loaders import load_lowbit_text_encoders
-    from comfyui_lowbit.quant_ops.linear import LowBitLinear
+    from comfyui_lowbit.quant_ops import LowBitLinear
 
     t5, t5_lowbit, clip_l = files
     lora = _t5_lora(t5)

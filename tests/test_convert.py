@@ -1,4 +1,4 @@
-"""Checkpoint conversion (quant_ops.convert) and the `lowbit quantize` / `lowbit inspect` commands on tiny
+"""Checkpoint conversion (checkpoint.convert) and the `lowbit quantize` / `lowbit inspect` commands on tiny
 seeded FLUX and T5 models: layer formats, per-layer error against the 16-bit original, input naming
 variants, calibration files, and one-line errors that leave no output behind."""
 import json
@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from tiny_models import (FAST, TINY_FLUX_CONFIG, TINY_T5_CONFIG, tiny_clip_l_state_dict, tiny_flux_state_dict,
                          tiny_t5_state_dict, write_tiny_flux, write_tiny_t5)
 
-from comfyui_lowbit import cli
-from comfyui_lowbit.quant_ops import checkpoint, convert, flux, module_from_packed
+from comfyui_lowbit import checkpoint, cli
+from comfyui_lowbit.checkpoint import flux
+from comfyui_lowbit.quant_ops import module_from_packed
 
 # max relative output error of one quantized layer vs its 16-bit original (Gaussian / GELU inputs)
 ERROR_BOUND = {"svdq_w4a4": 0.2, "w4a16": 0.25, "ternary": 0.5}
@@ -31,7 +32,7 @@ def quantized(tmp_path_factory, tiny):
     paths = {}
     for fmt in ("svdq_w4a4", "ternary", "w4a16"):
         paths[fmt] = str(out / f"tiny-{fmt}.safetensors")
-        convert.quantize_file(tiny, paths[fmt], fmt, rank=RANK[fmt], options=FAST)
+        checkpoint.quantize_file(tiny, paths[fmt], fmt, rank=RANK[fmt], options=FAST)
     return paths
 
 
@@ -96,7 +97,7 @@ def _write(sd, path):
 
 def test_input_variants_give_the_same_checkpoint(tmp_path, tiny):
     """BFL, diffusers, prefixed and float32 inputs -> identical tensors; fp8 input within the error bound."""
-    ref = convert.quantize_file(tiny, tmp_path / "ref.safetensors", "w4a16")["dst"]
+    ref = checkpoint.quantize_file(tiny, tmp_path / "ref.safetensors", "w4a16")["dst"]
     sd_ref, _ = checkpoint.load_checkpoint(ref)
     variants = {
         "diffusers": write_tiny_flux(tmp_path / "d.safetensors", naming="diffusers"),
@@ -106,14 +107,14 @@ def test_input_variants_give_the_same_checkpoint(tmp_path, tiny):
                               tmp_path / "nw.safetensors"),
     }
     for name, path in variants.items():
-        sd, info = checkpoint.load_checkpoint(convert.quantize_file(path, tmp_path / f"{name}-q.safetensors", "w4a16")["dst"])
+        sd, info = checkpoint.load_checkpoint(checkpoint.quantize_file(path, tmp_path / f"{name}-q.safetensors", "w4a16")["dst"])
         assert info.config == TINY_FLUX_CONFIG, name
         assert sorted(sd) == sorted(sd_ref), name
         for k in sd:
             assert torch.equal(sd[k], sd_ref[k]), (name, k)
     sd16 = tiny_flux_state_dict()
     fp8 = _write({k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in sd16.items()}, tmp_path / "fp8.safetensors")
-    sd, info = checkpoint.load_checkpoint(convert.quantize_file(fp8, tmp_path / "fp8-q.safetensors", "w4a16")["dst"])
+    sd, info = checkpoint.load_checkpoint(checkpoint.quantize_file(fp8, tmp_path / "fp8-q.safetensors", "w4a16")["dst"])
     for name, packed in checkpoint.packed_layers(sd, info).items():
         assert _rel_err(module_from_packed(packed), sd16[f"{name}.weight"], sd16[f"{name}.bias"], name) < 0.25, name
 
@@ -129,7 +130,7 @@ def test_scaled_fp8_input(tmp_path):
             sd[k[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
         else:
             sd[k] = v
-    out, _ = checkpoint.load_checkpoint(convert.quantize_file(_write(sd, tmp_path / "fp8.safetensors"),
+    out, _ = checkpoint.load_checkpoint(checkpoint.quantize_file(_write(sd, tmp_path / "fp8.safetensors"),
                                                               tmp_path / "q.safetensors", "w4a16")["dst"])
     assert not any("scale_weight" in k or k == "scaled_fp8" for k in out)
     w = out["img_in.weight"].float()
@@ -148,9 +149,9 @@ def test_sharded_diffusers_input(tmp_path, tiny):
         _write({k: d[k] for k in part}, folder / name)
         weight_map.update({k: name for k in part})
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    ref, _ = checkpoint.load_checkpoint(convert.quantize_file(tiny, tmp_path / "ref.safetensors", "w4a16")["dst"])
+    ref, _ = checkpoint.load_checkpoint(checkpoint.quantize_file(tiny, tmp_path / "ref.safetensors", "w4a16")["dst"])
     for src in (folder, folder / "diffusion_pytorch_model.safetensors.index.json"):
-        s = convert.quantize_file(str(src), tmp_path / "q.safetensors", "w4a16", force=True)
+        s = checkpoint.quantize_file(str(src), tmp_path / "q.safetensors", "w4a16", force=True)
         sd, _ = checkpoint.load_checkpoint(s["dst"])
         assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in sd)
         assert s["input_bytes"] == sum(os.path.getsize(folder / f) for f in set(weight_map.values()))
@@ -161,7 +162,7 @@ def test_diffusers_final_norm_halves_are_swapped(tmp_path):
     bfl = tiny_flux_state_dict()
     h = TINY_FLUX_CONFIG["hidden_size"]
     assert torch.equal(d["norm_out.linear.weight"][:h], bfl["final_layer.adaLN_modulation.1.weight"][h:])
-    sd, _ = checkpoint.load_checkpoint(convert.quantize_file(_write(d, tmp_path / "d.safetensors"),
+    sd, _ = checkpoint.load_checkpoint(checkpoint.quantize_file(_write(d, tmp_path / "d.safetensors"),
                                                              tmp_path / "q.safetensors", "w4a16")["dst"])
     assert torch.equal(sd["final_layer.adaLN_modulation.1.weight"], bfl["final_layer.adaLN_modulation.1.weight"])
     assert torch.equal(sd["single_blocks.1.linear1.bias"], bfl["single_blocks.1.linear1.bias"])
@@ -179,7 +180,7 @@ def test_calibration_file(tmp_path, tiny, caplog):
     save_file(stats, calib, metadata={"lowbit.calib_version": "1", "lowbit.samples": "4"})
     seen = []
     with caplog.at_level(logging.WARNING, logger="comfyui_lowbit"):
-        s = convert.quantize_file(tiny, tmp_path / "c.safetensors", "svdq_w4a4", rank=8, calib=calib,
+        s = checkpoint.quantize_file(tiny, tmp_path / "c.safetensors", "svdq_w4a4", rank=8, calib=calib,
                                   progress=lambda d, t: seen.append((d, t)), options={"iters": 1, "search_iters": 1})
     assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))
     assert len(s["calib_missing"]) == 20 - len(calibrated) and not set(calibrated) & set(s["calib_missing"])
@@ -218,7 +219,7 @@ def test_t5_quantize_and_inspect_cli(tmp_path, capsys):
 def test_clip_l(tmp_path, caplog):
     sd16 = tiny_clip_l_state_dict()
     with caplog.at_level(logging.WARNING, logger="comfyui_lowbit"):
-        s = convert.quantize_file(_write(sd16, tmp_path / "clip_l.safetensors"), tmp_path / "q.safetensors", "svdq_w4a4")
+        s = checkpoint.quantize_file(_write(sd16, tmp_path / "clip_l.safetensors"), tmp_path / "q.safetensors", "svdq_w4a4")
     assert any("weight-only (w4a16)" in r.getMessage() for r in caplog.records)
     sd, info = checkpoint.load_checkpoint(s["dst"])
     assert info.model == "clip_l" and info.format_counts() == {"w4a16": 12}
@@ -311,8 +312,8 @@ BLOCK_BOUND = {"svdq_w4a4": (0.35, 0.3), "ternary": (0.7, 0.55)}
 @pytest.mark.parametrize("fmt", ["svdq_w4a4", "ternary"])
 def test_block_outputs_match_original(quantized, fmt):
     """Every block of the quantized model, fed the 16-bit model's block inputs, stays close to the 16-bit
-    block's output (pure-PyTorch FLUX of quant_ops.flux_model); so does the whole model's output."""
-    flux_model = pytest.importorskip("comfyui_lowbit.quant_ops.flux_model")
+    block's output (pure-PyTorch FLUX of flux_model); so does the whole model's output."""
+    flux_model = pytest.importorskip("comfyui_lowbit.flux_model")
     sd16 = tiny_flux_state_dict()
     ref = flux_model.flux_from_state_dict(sd16, TINY_FLUX_CONFIG)
     sd, info = checkpoint.load_checkpoint(quantized[fmt])

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from comfyui_lowbit import cli
-from comfyui_lowbit.quant_ops import demo
+from comfyui_lowbit.cli import demo
 
 
 

@@ -1,10 +1,10 @@
-"""quant_ops.flux_model: the pure-PyTorch FLUX transformer, loading, random models, whole-model quantization."""
+"""flux_model: the pure-PyTorch FLUX transformer, loading, random models, whole-model quantization."""
 import pytest
 import torch
 from tiny_models import TINY_FLUX_CONFIG, tiny_flux_state_dict, write_tiny_lowbit_flux
 
-from comfyui_lowbit.quant_ops import flux
-from comfyui_lowbit.quant_ops.flux_model import (
+from comfyui_lowbit.checkpoint import flux
+from comfyui_lowbit.flux_model import (
     apply_rope, flux_from_checkpoint, flux_from_state_dict, flux_state_dict, make_inputs, quantize_flux, quantize_fn,
     quantized_layers, random_flux, rope_angles, weight_bytes)
 

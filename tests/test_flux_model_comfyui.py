@@ -1,4 +1,4 @@
-"""quant_ops.flux_model matches ComfyUI's own Flux (comfy/ldm/flux) on the same weights and inputs.
+"""flux_model matches ComfyUI's own Flux (comfy/ldm/flux) on the same weights and inputs.
 
     COMFYUI_PATH=/work/comfyui /work/cvenv/bin/python -m pytest -q tests/test_flux_model_comfyui.py
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import TINY_FLUX_CONFIG, tiny_flux_state_dict
 
-from comfyui_lowbit.quant_ops.flux_model import flux_from_state_dict, make_inputs
+from comfyui_lowbit.flux_model import flux_from_state_dict, make_inputs
 
 COMFY = os.environ.get("COMFYUI_PATH")
 pytestmark = [pytest.mark.comfyui,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_lowbit.quant_ops import W4A16Linear, quantize_linear
-from comfyui_lowbit.quant_ops.lora import LoraFactor, apply_lora, compose_branch, originals, remove_lora
+from comfyui_lowbit.quant_ops import LoraFactor, apply_lora, compose_branch, originals, remove_lora
 
 from synthetic import heavy_tailed_linear
 

@@ -9,11 +9,10 @@ from safetensors.torch import save_file
 import nunchaku_layout as nl
 from tiny_models import TINY_FLUX_CONFIG, tiny_flux_state_dict
 
-from comfyui_lowbit import cli
+from comfyui_lowbit import checkpoint, cli
 from comfyui_lowbit.kernels.reference import dequant_int4
-from comfyui_lowbit.quant_ops import checkpoint, nunchaku
-from comfyui_lowbit.quant_ops.formats import W4A4Weights
-from comfyui_lowbit.quant_ops.linear import SVDQW4A4Linear, module_from_packed
+from comfyui_lowbit.checkpoint import nunchaku
+from comfyui_lowbit.quant_ops import SVDQW4A4Linear, W4A4Weights, module_from_packed
 
 BF16 = torch.bfloat16
 
@@ -235,7 +234,7 @@ class _Dense(torch.nn.Module):
 
 
 def test_converted_model_matches_nunchaku_structured_model(tiny, bfl):
-    from comfyui_lowbit.quant_ops import flux_model
+    from comfyui_lowbit import flux_model
 
     nat, cfg = tiny["nat"], tiny["config"]
     conv = flux_model.flux_from_state_dict(tiny["tensors"], cfg, tiny["layers"])

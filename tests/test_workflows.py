@@ -125,7 +125,7 @@ def test_workflow_runs(server, name):
 
 
 def test_quantize_your_own_two_runs(server):
-    from comfyui_lowbit.quant_ops import checkpoint
+    from comfyui_lowbit import checkpoint
 
     wf = _load("flux1-dev-lowbit-quantize-your-own.json")
     entry = server.run(_api(server, wf), timeout=600)  # run 1: calibrate (the quantize node ships bypassed)

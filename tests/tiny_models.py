@@ -11,7 +11,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from comfyui_lowbit.quant_ops import flux, t5
+from comfyui_lowbit.checkpoint import flux, t5
 
 TINY_T5_CONFIG = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_size=32128,
                       dense_act_fn="gelu_pytorch_tanh", is_gated_act=True, model_type="t5",
@@ -145,20 +145,20 @@ FAST = {"iters": 3}  # few low-rank refinement steps: seconds instead of a minut
 
 
 def write_tiny_lowbit_flux(path, fmt="svdq_w4a4", rank=16, seed=0, calib=None, options=FAST, **overrides) -> str:
-    """A lowbit tiny FLUX checkpoint at `path`, quantized through quant_ops.convert.quantize_file
+    """A lowbit tiny FLUX checkpoint at `path`, quantized through checkpoint.quantize_file
     (options=None for the quantizers' full defaults)."""
-    from comfyui_lowbit.quant_ops import convert
+    from comfyui_lowbit import checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         src = write_tiny_flux(os.path.join(tmp, "tiny_flux.safetensors"), seed=seed, **overrides)
-        convert.quantize_file(src, str(path), fmt, rank=rank, calib=calib, force=True, options=options)
+        checkpoint.quantize_file(src, str(path), fmt, rank=rank, calib=calib, force=True, options=options)
     return str(path)
 
 
 def write_tiny_lowbit_t5(path, seed=0, group_size=64) -> str:
-    from comfyui_lowbit.quant_ops import convert
+    from comfyui_lowbit import checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         src = write_tiny_t5(os.path.join(tmp, "tiny_t5.safetensors"), seed=seed)
-        convert.quantize_file(src, str(path), "w4a16", force=True, group_size=group_size)
+        checkpoint.quantize_file(src, str(path), "w4a16", force=True, group_size=group_size)
     return str(path)

@@ -4,10 +4,10 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from .. import __version__
 
-# modules relative to this package, one per subcommand group
-COMMAND_MODULES = [".quant_ops.quantize_cmd", ".quant_ops.nunchaku_cmd", ".quant_ops.bench_cmd", ".quant_ops.demo"]
+# modules relative to this package, one per subcommand
+COMMAND_MODULES = [".quantize", ".inspect", ".convert_nunchaku", ".bench", ".demo"]
 
 
 def _parser() -> argparse.ArgumentParser:

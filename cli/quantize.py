@@ -1,9 +1,9 @@
-"""`lowbit quantize` (16-bit FLUX / T5 -> lowbit checkpoint) and `lowbit inspect` (what a checkpoint holds)."""
+"""`lowbit quantize`: a 16-bit FLUX / T5 / CLIP-L file -> a lowbit checkpoint."""
 import logging
 import os
 import sys
 
-from . import QUANT_FORMATS
+from ..quant_ops import QUANT_FORMATS
 
 
 def add_parser(sub) -> None:
@@ -27,20 +27,15 @@ def add_parser(sub) -> None:
     q.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     q.set_defaults(run=run_quantize)
 
-    i = sub.add_parser("inspect", help="show what a lowbit checkpoint holds",
-                       description="Format version, quantized layers per format, parameter count and sizes.")
-    i.add_argument("file", help="lowbit .safetensors checkpoint")
-    i.set_defaults(run=run_inspect)
 
-
-def _gb(n: int) -> str:
+def gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def run_quantize(args) -> int:
     from tqdm import tqdm
 
-    from .convert import DEFAULT_RANK, quantize_file
+    from ..checkpoint import DEFAULT_RANK, quantize_file
 
     if args.device.startswith("cuda"):
         import torch
@@ -69,31 +64,6 @@ def run_quantize(args) -> int:
     if bar is not None:
         bar.close()
     counts = ", ".join(f"{n} {f}" for f, n in sorted(s["layer_counts"].items()))
-    print(f"{s['dst']}: {s['model']} ({counts} layers); input {_gb(s['input_bytes'])}, output "
-          f"{_gb(s['output_bytes'])}, {s['ratio']:.2f}x smaller; {s['seconds']:.1f} s")
-    return 0
-
-
-def run_inspect(args) -> int:
-    from .checkpoint import load_checkpoint, logical_size
-
-    sd, info = load_checkpoint(args.file)  # NotALowbitCheckpoint (a ValueError) -> one line, exit 1
-    params, bf16 = logical_size(sd, info)
-    size = os.path.getsize(args.file)
-    print(f"file:            {args.file}")
-    print(f"lowbit format:   version {info.format_version}, model {info.model}")
-    for fmt, n in sorted(info.format_counts().items()):
-        print(f"  {fmt:<14} {n} layers")
-    n16 = len({k.rpartition('.')[0] for k in sd} - set(info.layers))
-    print(f"  {'16-bit':<14} {n16} layers/tensor groups")
-    print(f"parameters:      {params / 1e6:.2f} M")
-    print(f"size on disk:    {_gb(size)}")
-    print(f"BF16 copy:       {_gb(bf16)} ({bf16 / max(size, 1):.2f}x the size on disk)")
-    if info.config:
-        keys = ("hidden_size", "depth", "depth_single_blocks", "guidance_embed") if info.model == "flux" else \
-            ("d_model", "num_layers", "num_heads", "d_ff")
-        print("config:          " + ", ".join(f"{k}={info.config[k]}" for k in keys if k in info.config))
-    for k in ("lowbit.source", "lowbit.args"):
-        if k in info.metadata:
-            print(f"{k[7:]:<8}         {info.metadata[k]}")
+    print(f"{s['dst']}: {s['model']} ({counts} layers); input {gb(s['input_bytes'])}, output "
+          f"{gb(s['output_bytes'])}, {s['ratio']:.2f}x smaller; {s['seconds']:.1f} s")
     return 0

@@ -1,8 +1,8 @@
-"""`lowbit bench`: layer and whole-model latency vs BF16 / FP8 (see quant_ops/bench.py)."""
+"""`lowbit bench`: layer and whole-model latency vs BF16 / FP8 (the harness is cli/benchmark.py)."""
 import argparse
 import sys
 
-from .bench import LAYER_FORMATS, MODEL_FORMATS, RANK
+from .benchmark import LAYER_FORMATS, MODEL_FORMATS, RANK
 
 
 def _csv(kind, allowed=None):
@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import os
 
-    from .bench import markdown, run_bench, write_results
+    from .benchmark import markdown, run_bench, write_results
 
     if args.out and not args.force:  # fail before a long run, not after it
         for name in ("bench.json", "bench.md"):

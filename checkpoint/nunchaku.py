@@ -32,9 +32,9 @@ import torch
 from safetensors import safe_open
 
 from . import flux
-from .checkpoint import CheckpointInfo
+from .lowbit_file import CheckpointInfo
 from ..kernels.packing import unpack_int4
-from .formats import FORMAT_VERSION, W4A4Weights, W4A16Weights
+from ..quant_ops import FORMAT_VERSION, W4A4Weights, W4A16Weights
 
 SUPPORTED = ("Nunchaku SVDQuant INT4 FLUX.1 single-file checkpoints (svdq-int4_r*-flux.1-*.safetensors, "
              "with 'config' and 'quantization_config' metadata)")

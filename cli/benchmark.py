@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from .formats import TernaryWeights, W4A4Weights, W4A16Weights
-from .linear import module_from_packed
+from ..quant_ops import TernaryWeights, W4A4Weights, W4A16Weights, module_from_packed
 
 FLUX_DEV_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
                        num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000,
@@ -209,7 +208,7 @@ def bench_model(device, config, formats, tokens_hw, txt_len, warmup, runs, rank=
     """One forward per format of a seeded random FLUX. Quantized models are built layer by layer (never a
     full 16-bit copy) and quantize only the first layer of each shape, reusing its packed tensors
     (copied) for the others: timings and memory are real, outputs are not meaningful."""
-    from .flux_model import make_inputs, quantize_fn, random_flux, weight_bytes
+    from ..flux_model import make_inputs, quantize_fn, random_flux, weight_bytes
 
     rows = []
     inputs = make_inputs(config, height=tokens_hw[0], width=tokens_hw[1], txt_len=txt_len, seed=seed, device=device)

@@ -16,8 +16,9 @@ import time
 import torch
 from safetensors import safe_open
 
-from . import QUANT_FORMATS, clip_l, flux, quantize_weight, t5
-from .checkpoint import save_checkpoint
+from ..quant_ops import QUANT_FORMATS, quantize_weight
+from . import clip_l, flux, t5
+from .lowbit_file import save_checkpoint
 
 log = logging.getLogger("comfyui_lowbit")
 

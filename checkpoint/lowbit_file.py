@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .formats import FORMAT_VERSION, FORMATS
+from ..quant_ops import FORMAT_VERSION, FORMATS
 
 MODELS = ("flux", "t5", "clip_l")
 META_VERSION = "lowbit.format_version"

@@ -16,8 +16,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .checkpoint import save_checkpoint
-    from .nunchaku import convert_state_dict, read_nunchaku
+    from ..checkpoint import convert_state_dict, read_nunchaku, save_checkpoint
 
     if os.path.exists(args.output) and not args.force:  # fail before the (long) read
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")

@@ -2,7 +2,7 @@
 
 The model has FLUX's structure (double and single blocks, head dim 128, RoPE, modulation) at a small width,
 heavy-tailed weights and a few large residual-stream channels (the "massive activations" of real DiTs).
-Each format is quantized in memory (quant_ops.flux_model.quantize_flux: blocks in the format, modulation
+Each format is quantized in memory (flux_model.quantize_flux: blocks in the format, modulation
 W4A16, embedders and final layer BF16) and run once through the kernels (Triton on a GPU, the PyTorch
 reference on CPU). `--comfyui PATH` additionally runs a shipped workflow headless (see run_workflow_headless).
 """
@@ -30,7 +30,7 @@ DEFAULT_WORKFLOW = "flux1-dev-lowbit-w4a4.json"
 
 
 def _forward_ms(model, inputs, device, runs):
-    from .bench import time_ms
+    from .benchmark import time_ms
 
     # on CPU the error forward just before is the warm-up
     return time_ms(lambda: model(**inputs), device, warmup=1 if device.type == "cuda" else 0, runs=runs)
@@ -55,7 +55,7 @@ CALIBRATED = ("W4A4 r32 calibrated", "svdq_w4a4", 32, {"iters": 3, "alphas": (0.
 def input_absmax(model, inputs) -> dict:
     """{layer: per-input-channel absmax (float32)} of the block linears over one forward on `inputs`
     (what the ComfyUI calibration node records over real prompts)."""
-    from .flux import layer_format
+    from ..checkpoint.flux import layer_format
 
     stats, hooks = {}, []
 
@@ -82,7 +82,7 @@ def run_demo(tiny=False, device=None, seed=0, runs=None, log=print, calibrate=Fa
     size_ratio, rel_error, ms, quantize_s}]}; rel_error is the relative L2 error of the transformer output
     against the BF16 model on the same inputs."""
     from .. import kernels
-    from .flux_model import make_inputs, quantize_flux, random_flux, weight_bytes
+    from ..flux_model import make_inputs, quantize_flux, random_flux, weight_bytes
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     runs = runs or (5 if device.type == "cuda" else 3)
