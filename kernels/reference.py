@@ -1,10 +1,11 @@
 """PyTorch reference of every kernel: the exact semantics the Triton kernels reproduce.
 
 Conventions shared with the Triton kernels:
-- Activation quantization runs in float32: xs = (x + shift) / smooth; per token and group,
-  scale = absmax / qmax, q = clamp(floor(xs / scale + 0.5), qmin, qmax); a group of zeros gives
-  scale 0 and q 0. Signed int4: qmax 7, qmin -7 (clamp -8). Unsigned int4: qmax 15, qmin 0.
-  Int8 (ternary): one group spanning K, qmax 127.
+- Activation quantization runs in float32 with no division by a constant (backends round those
+  differently): xs = (x + shift) * (1 / smooth); per token and group, scale = absmax * RCP[qmax] (RCP:
+  float32 constants), q = round_half_even(clamp(xs * (1 / scale), qmin, qmax)); 1 / v is one IEEE
+  reciprocal per channel or group; a group whose scale is 0 (or below FLT_MIN) gets codes 0. Signed int4:
+  qmax 7, qmin -8. Unsigned int4: qmax 15, qmin 0. Int8 (ternary): one group spanning K, +-127.
 - "compute dtype" is the 16-bit dtype of the layer's 16-bit tensors; 16-bit matmuls take operands in
   it and accumulate in float32. Integer dots are exact; they are rescaled in float32 group by group:
   acc += dot * (a_scale * w_scale).
@@ -16,15 +17,21 @@ import torch
 from .packing import unpack_int4, unpack_ternary
 
 ACT_SHIFT = 0.171875  # shift for the unsigned (post-GELU) activation variant
+RCP = {7: 0.1428571492433548, 15: 0.06666667014360428, 127: 0.007874015718698502}  # float32(1 / qmax)
+FLT_MIN = 2.0 ** -126
+
+
+def reciprocal(v: torch.Tensor) -> torch.Tensor:
+    """float32 1 / v, correctly rounded on every backend (torch.reciprocal is an IEEE division)."""
+    return torch.reciprocal(v.float())
 
 
 def _quantize_groups(xs: torch.Tensor, group_size: int, qmin: int, qmax: int):
     m, k = xs.shape
     g = xs.reshape(m, k // group_size, group_size)
-    absmax = g.abs().amax(dim=-1)
-    scale = absmax / qmax
-    safe = torch.where(absmax > 0, scale, torch.ones_like(scale))
-    q = torch.floor(g / safe.unsqueeze(-1) + 0.5).clamp_(qmin, qmax)
+    scale = g.abs().amax(dim=-1) * RCP[qmax]
+    rscale = torch.where(scale >= FLT_MIN, reciprocal(scale), torch.zeros_like(scale))
+    q = torch.round((g * rscale.unsqueeze(-1)).clamp_(qmin, qmax))  # torch.round: half to even
     return q.reshape(m, k).to(torch.int8), scale
 
 
@@ -40,7 +47,7 @@ def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
     if unsigned:
         xs = xs + ACT_SHIFT
     if smooth is not None:
-        xs = xs / smooth.float()
+        xs = xs * reciprocal(smooth)
     q, scale = _quantize_groups(xs, group_size, 0 if unsigned else -8, 15 if unsigned else 7)
     return q, scale, lora_down(x, proj_down)
 

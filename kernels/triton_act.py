@@ -1,28 +1,50 @@
 """Activation kernels: per-token int4 (groups) / int8 quantization fused with the low-rank down projection.
 
 One pass reads x once: for each group it quantizes and feeds the same tile to `x @ proj_down`.
-Divisions use div_rn (IEEE round-to-nearest) so codes and scales equal reference.py bit for bit.
+Rounding and reciprocals are pinned as in reference.py so codes and scales equal it bit for bit.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .reference import ACT_SHIFT
+from .reference import ACT_SHIFT, FLT_MIN, RCP
 from .triton_common import MAX_RANK, cast, configs, dot16, m_bucket
 
 _ACT_CONFIGS = configs([{"BLOCK_M": bm, "num_warps": w, "num_stages": 2} for bm in (16, 32, 64) for w in (4, 8)],
                        {"BLOCK_M": 16, "num_warps": 4})
 ACT_SHIFT_C = tl.constexpr(ACT_SHIFT)
+FLT_MIN_C = tl.constexpr(FLT_MIN)
+RCP7, RCP15, RCP127 = tl.constexpr(RCP[7]), tl.constexpr(RCP[15]), tl.constexpr(RCP[127])
+RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + M - M rounds |v| < 2^22 to an integer, ties to even
 
 
 @triton.jit
-def _quantize(xs, QMIN: tl.constexpr, QMAX: tl.constexpr):
+def reciprocal(v):
+    """float32 1 / v, IEEE-rounded (one division per channel or group, never per element)."""
+    return tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), v)
+
+
+@triton.jit
+def round_codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """clamp then round half to even, as reference._quantize_groups; the clamp also keeps the compiler
+    from fusing the caller's multiply into the add (an FMA would skip the product's rounding)."""
+    v = tl.minimum(tl.maximum(v, QMIN), QMAX)
+    return (v + RNE_MAGIC) - RNE_MAGIC
+
+
+@triton.jit
+def group_rscale(amax, RCP_Q: tl.constexpr):
+    """(scale, 1 / scale or 0) of per-row absmax values."""
+    scale = amax * RCP_Q
+    ok = scale >= FLT_MIN_C
+    return scale, tl.where(ok, reciprocal(tl.where(ok, scale, 1.0)), 0.0)
+
+
+@triton.jit
+def _quantize(xs, QMIN: tl.constexpr, QMAX: tl.constexpr, RCP_Q: tl.constexpr):
     """Row-wise absmax quantization of a float32 tile -> (float32 codes, float32 scales)."""
-    amax = tl.max(tl.abs(xs), axis=1)
-    scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
-    safe = tl.where(amax > 0, scale, 1.0)
-    q = tl.floor(tl.math.div_rn(xs, tl.broadcast_to(safe[:, None], xs.shape)) + 0.5)
-    return tl.minimum(tl.maximum(q, QMIN), QMAX), scale
+    scale, rscale = group_rscale(tl.max(tl.abs(xs), axis=1), RCP_Q)
+    return round_codes(xs * rscale[:, None], QMIN, QMAX), scale
 
 
 @triton.autotune(_ACT_CONFIGS, key=["M_KEY", "K", "R"])
@@ -44,11 +66,11 @@ def _act_int4_kernel(x_ptr, smooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, M, K, R,
             xs = xs + ACT_SHIFT_C
         if HAS_SMOOTH:
             sm = tl.load(smooth_ptr + offs_k).to(tl.float32)
-            xs = tl.math.div_rn(xs, tl.broadcast_to(sm[None, :], xs.shape))
+            xs = xs * reciprocal(sm)[None, :]
         if UNSIGNED:
-            q, scale = _quantize(xs, 0.0, 15.0)
+            q, scale = _quantize(xs, 0.0, 15.0, RCP15)
         else:
-            q, scale = _quantize(xs, -8.0, 7.0)
+            q, scale = _quantize(xs, -8.0, 7.0, RCP7)
         tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(tl.int8), mask=row_ok[:, None])
         tl.store(s_ptr + offs_m * G + g, scale, mask=row_ok)
         if HAS_LR:
@@ -84,16 +106,15 @@ def _act_int8_kernel(x_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, M, K, R, M_KEY,
         tl.store(lr_ptr + offs_m[:, None] * R + offs_r[None, :], cast(lacc, lr_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_r[None, :] < R))
     if QUANT:
-        scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
-        safe = tl.where(amax > 0, scale, 1.0)
+        scale, rscale = group_rscale(amax, RCP127)
         tl.store(s_ptr + offs_m, scale, mask=row_ok)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             ptrs = offs_m[:, None] * K + offs_k[None, :]
             mask = row_ok[:, None] & (offs_k[None, :] < K)
             xs = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-            q = tl.floor(tl.math.div_rn(xs, tl.broadcast_to(safe[:, None], xs.shape)) + 0.5)
-            tl.store(q_ptr + ptrs, tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8), mask=mask)
+            q = round_codes(xs * rscale[:, None], -127.0, 127.0)
+            tl.store(q_ptr + ptrs, q.to(tl.int8), mask=mask)
 
 
 def _rank_block(proj_down, what):

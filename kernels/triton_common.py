@@ -1,8 +1,6 @@
-"""Shared pieces of the Triton kernels: interpreter switch, autotune helpers, in-register decoders, epilogue.
+"""Shared pieces of the Triton kernels: interpreter switch, autotune helpers, float helpers, epilogue.
 
-Layouts are those of packing.py (int4: element 2i in the low nibble; ternary: value + 1 in bits 2j).
-Weights are decoded with the byte of element k loaded once per k (gemlite style), which keeps every tile
-a plain (BLOCK_K, BLOCK_N) tensor that `tl.dot` takes directly.
+Weight decoders live in triton_decode.py.
 """
 import os
 
@@ -70,23 +68,6 @@ def swizzle(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.cons
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % width) % size_m, (pid % width) // size_m
-
-
-@triton.jit
-def load_int4(w_ptr, offs_k, offs_n, K, N):
-    """int8 (BLOCK_K, BLOCK_N) tile of W^T from uint8 (N, K/2) nibbles."""
-    b = tl.load(w_ptr + offs_n[None, :] * (K // 2) + offs_k[:, None] // 2,
-                mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0).to(tl.int32)
-    v = (b >> ((offs_k[:, None] % 2) * 4)) & 0xF
-    return ((v ^ 8) - 8).to(tl.int8)
-
-
-@triton.jit
-def load_ternary(w_ptr, offs_k, offs_n, K, N):
-    """int8 (BLOCK_K, BLOCK_N) tile of T^T in {-1, 0, 1} from uint8 (N, K/4) 2-bit codes."""
-    b = tl.load(w_ptr + offs_n[None, :] * (K // 4) + offs_k[:, None] // 4,
-                mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=1).to(tl.int32)
-    return (((b >> ((offs_k[:, None] % 4) * 2)) & 0x3) - 1).to(tl.int8)
 
 
 @triton.jit

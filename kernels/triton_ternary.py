@@ -4,7 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import check_rank, configs, load_ternary, lowrank_bias, m_bucket, store_tile, swizzle
+from .triton_common import check_rank, configs, lowrank_bias, m_bucket, store_tile, swizzle
+from .triton_decode import TERNARY_ZEROS, load_packed, unpack_ternary
 from .triton_w4a4 import _FULL, _prune
 
 
@@ -12,7 +13,7 @@ from .triton_w4a4 import _FULL, _prune
                          {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
                  key=["M_KEY", "N", "K", "R"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _ternary_int8_kernel(qx_ptr, xs_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY,
+def _ternary_int8_kernel(qx_ptr, xs_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY, W_ROW,
                          HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = swizzle(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -22,7 +23,8 @@ def _ternary_int8_kernel(qx_ptr, xs_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(qx_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-        acc += tl.dot(a, load_ternary(w_ptr, offs_k, offs_n, K, N), out_dtype=tl.int32)
+        w = unpack_ternary(load_packed(w_ptr, offs_n, k0 // 4, W_ROW, N, BLOCK_K // 4, TERNARY_ZEROS))
+        acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
     sx = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
     sw = tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     out = acc.to(tl.float32) * (sx[:, None] * sw[None, :])
@@ -45,6 +47,6 @@ def ternary_int8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _ternary_int8_kernel[grid](qx.contiguous(), xscales.float().contiguous(), qweight.contiguous(), wscales.contiguous(),
                                out if lr is None else lr, out if proj_up is None else proj_up,
-                               out if bias is None else bias.contiguous(), out, m, n, k, r, m_bucket(m),
+                               out if bias is None else bias.contiguous(), out, m, n, k, r, m_bucket(m), k // 4,
                                HAS_LR=lr is not None, HAS_BIAS=bias is not None, BLOCK_R=32 if r % 32 == 0 else 16)
     return out

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import check_rank, configs, load_int4, lowrank_bias, m_bucket, store_tile, swizzle
+from .triton_common import check_rank, configs, lowrank_bias, m_bucket, store_tile, swizzle
+from .triton_decode import load_packed, unpack_int4
 
 _FULL = [{"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": w, "num_stages": s}
          for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
@@ -25,7 +26,7 @@ def _prune(cfgs, named_args, **kwargs):
 @triton.autotune(configs(_FULL, {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 4}), key=["M_KEY", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY,
+def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY, W_ROW,
                  HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, GS: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = swizzle(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -37,7 +38,7 @@ def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_pt
     for g in range(0, G):
         offs_k = g * GS + offs_g
         a = tl.load(qx_ptr + offs_m[:, None] * K + offs_k[None, :], mask=offs_m[:, None] < M, other=0)
-        w = load_int4(w_ptr, offs_k, offs_n, K, N)
+        w = tl.trans(unpack_int4(load_packed(w_ptr, offs_n, g * (GS // 2), W_ROW, N, GS // 2, 0), False))
         d = tl.dot(a, w, out_dtype=tl.int32)
         sa = tl.load(as_ptr + offs_m * G + g, mask=offs_m < M, other=0.0)
         sw = tl.load(ws_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -63,6 +64,6 @@ def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, o
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _w4a4_kernel[grid](qx.contiguous(), ascales.float().contiguous(), qweight.contiguous(), wscales.contiguous(),
                        out if lr is None else lr, out if proj_up is None else proj_up,
-                       out if bias is None else bias.contiguous(), out, m, n, k, r, m_bucket(m),
+                       out if bias is None else bias.contiguous(), out, m, n, k, r, m_bucket(m), k // 2,
                        HAS_LR=lr is not None, HAS_BIAS=bias is not None, GS=gs, BLOCK_R=32 if r % 32 == 0 else 16)
     return out

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (cast, check_rank, configs, dot16, load_int4, load_ternary, lowrank_bias, m_bucket,
-                            store_tile, swizzle)
+from .triton_common import cast, check_rank, configs, dot16, lowrank_bias, m_bucket, store_tile, swizzle
+from .triton_decode import TERNARY_ZEROS, load_packed, unpack_int4, unpack_ternary
 
 SMALL_M = 64
 
@@ -29,7 +29,7 @@ _INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
 @triton.jit
-def _wonly_kernel(x_ptr, w_ptr, ws_ptr, wz_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY,
+def _wonly_kernel(x_ptr, w_ptr, ws_ptr, wz_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY, W_ROW,
                   TERNARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
                   ATOMIC: tl.constexpr, GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -46,11 +46,13 @@ def _wonly_kernel(x_ptr, w_ptr, ws_ptr, wz_ptr, lr_ptr, up_ptr, bias_ptr, out_pt
         a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
                     other=0.0)
         if TERNARY:
-            w = load_ternary(w_ptr, offs_k, offs_n, K, N).to(tl.float32).to(cdt)  # exact; the interpreter mis-casts int -> bf16
+            t = unpack_ternary(load_packed(w_ptr, offs_n, k0 // 4, W_ROW, N, BLOCK_K // 4, TERNARY_ZEROS))
+            w = tl.trans(t).to(tl.float32).to(cdt)  # exact; the interpreter mis-casts int -> bf16
         else:
             g = k0 // GS  # BLOCK_K divides GS: one scale row per tile
             s = tl.load(ws_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            wf = load_int4(w_ptr, offs_k, offs_n, K, N).to(tl.float32) * s[None, :]
+            q = tl.trans(unpack_int4(load_packed(w_ptr, offs_n, k0 // 2, W_ROW, N, BLOCK_K // 2, 0), False))
+            wf = q.to(tl.float32) * s[None, :]
             if HAS_Z:
                 wf = wf + tl.load(wz_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             w = cast(wf, cdt)
@@ -90,7 +92,7 @@ def _launch(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype, ternary, 
     (_small if atomic else _large)[grid](
         x.to(wscales.dtype).contiguous(), qweight.contiguous(), wscales.contiguous(), out if wzeros is None else wzeros.contiguous(),
         out if lr is None else lr, out if proj_up is None else proj_up, out if bias is None else bias.contiguous(), out,
-        m, n, k, r, m_bucket(m), TERNARY=ternary, HAS_Z=wzeros is not None, HAS_LR=lr is not None,
+        m, n, k, r, m_bucket(m), k // (4 if ternary else 2), TERNARY=ternary, HAS_Z=wzeros is not None, HAS_LR=lr is not None,
         HAS_BIAS=bias is not None, ATOMIC=atomic, GS=gs, BLOCK_R=32 if r % 32 == 0 else 16)
     return out.to(out_dtype) if atomic else out
 

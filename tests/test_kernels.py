@@ -73,6 +73,48 @@ def test_quantize_act_int4(dtype, m, k, rank, unsigned):
         assert lr is None
 
 
+def tie_inputs(m, k, qmax, dtype, g, shift=0.0):
+    """Halves of integers times 2^e per group (exact in bf16) with absmax qmax * 2^e: then scale = 2^e and
+    every odd half is a rounding tie. `shift` is subtracted (the unsigned variant adds it back)."""
+    halves = torch.randint(0 if shift else -2 * qmax, 2 * qmax + 1, (m, k), generator=g).float() / 2
+    halves[:, ::64] = qmax
+    e = torch.randint(-3, 4, (m, k // 64), generator=g).float().repeat_interleave(64, dim=1)
+    return (halves * 2.0 ** e - shift).to(dtype).to(DEV)
+
+
+def test_act_rounding_ties_to_even():
+    x = torch.zeros(2, 64)
+    x[:, :8] = torch.tensor([7.0, 2.5, -2.5, 0.5, -0.5, 1.5, 3.5, -3.5])
+    x[1] *= 0.25  # scale 0.25, same codes
+    q, s, _ = ref.quantize_act_int4(x.to(torch.bfloat16), None)
+    assert s.flatten().tolist() == [1.0, 0.25]
+    assert q[:, :8].tolist() == [[7, 2, -2, 0, 0, 2, 4, -4]] * 2
+    q8, s8, _ = ref.quantize_act_int8(torch.tensor([[127.0, 2.5, -0.5, 126.5]]))
+    assert s8.tolist() == [1.0] and q8.tolist() == [[127, 2, 0, 126]]
+
+
+@pytest.mark.parametrize("dtype,unsigned", [(torch.bfloat16, False), (torch.float16, False), (torch.float16, True)])
+def test_quantize_act_int4_ties(dtype, unsigned):
+    g = gen(13)
+    shift = ref.ACT_SHIFT if unsigned else 0.0  # x + shift exact needs float16's mantissa
+    x = tie_inputs(19, 256, 15 if unsigned else 7, dtype, g, shift)
+    eq, es, _ = ref.quantize_act_int4(x, None, unsigned=unsigned)
+    exact = (x.float() + shift) / es.repeat_interleave(64, dim=1)
+    assert ((exact - exact.floor()) == 0.5).float().mean() > 0.2  # ties are common here
+    q, s, _ = triton_ops.quantize_act_int4(x, None, unsigned=unsigned)
+    assert torch.equal(q, eq) and torch.equal(s, es)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_act_int8_ties(dtype):
+    g = gen(14)
+    x = tie_inputs(9, 128, 127, dtype, g)
+    x[:, 64:] = x[:, :64]  # one group over K: the absmax is that of the first 64
+    eq, es, _ = ref.quantize_act_int8(x)
+    q, s, _ = triton_ops.quantize_act_int8(x)
+    assert torch.equal(q, eq) and torch.equal(s, es)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,rank", [(1, 192, 16), (33, 320, 48)])
 def test_quantize_act_int8_and_lora_down(dtype, m, k, rank):

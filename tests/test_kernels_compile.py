@@ -15,7 +15,7 @@ _SIZES = dict(M=I32, N=I32, K=I32, R=I32, M_KEY=I32)
 def _cases():
     from comfyui_lowbit.kernels import triton_act as A, triton_ternary as T, triton_w4a4 as W, triton_wonly as O
 
-    gemm = dict(lr_ptr=BF, up_ptr=BF, bias_ptr=BF, **_SIZES)
+    gemm = dict(lr_ptr=BF, up_ptr=BF, bias_ptr=BF, W_ROW=I32, **_SIZES)
     wonly = dict(x_ptr=BF, w_ptr=U8, ws_ptr=BF, wz_ptr=BF, **gemm)
     tiles = dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=4)
     return {
