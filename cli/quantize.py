@@ -3,6 +3,7 @@ import logging
 import os
 import sys
 
+from ..checkpoint import DEFAULT_RANK
 from ..quant_ops import QUANT_FORMATS
 from .args import device
 
@@ -19,7 +20,8 @@ def add_parser(sub) -> None:
                         "ternary (1.58-bit weights + low-rank branch) or w4a16 (4-bit weights only); "
                         "modulation layers are always w4a16; T5 and CLIP-L are always w4a16")
     q.add_argument("--rank", type=int, default=None,
-                   help="low-rank branch rank (default: 32 for svdq_w4a4, 64 for ternary)")
+                   help=f"low-rank branch rank (default: {DEFAULT_RANK['svdq_w4a4']} for svdq_w4a4, "
+                        f"{DEFAULT_RANK['ternary']} for ternary)")
     q.add_argument("--calib", metavar="STATS", default=None,
                    help="calibration statistics file (from the LowBit calibration node); data-free without it")
     q.add_argument("--device", type=device, default="cpu", help="device to quantize on: cpu or cuda (default cpu)")
@@ -36,7 +38,7 @@ def gb(n: int) -> str:
 def run_quantize(args) -> int:
     from tqdm import tqdm
 
-    from ..checkpoint import DEFAULT_RANK, quantize_file
+    from ..checkpoint import quantize_file
 
     rank = DEFAULT_RANK[args.format] if args.rank is None else args.rank
     if rank < 0:
