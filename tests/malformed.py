@@ -119,6 +119,12 @@ CASES = {  # name -> (edit(sd, meta), expected)
     "inf-bias": (_edit_tensors(_poke("final_layer.linear.bias", 2, float("-inf"))), ["final_layer.linear.bias"]),
     "nan-embedder": (_edit_tensors(_poke("img_in.weight", 7, float("nan"))), ["img_in.weight", "NaN"]),
 }
+T5_CASES = {  # on a lowbit T5 (the text encoder loader)
+    "t5-missing-norm": (_edit_tensors(lambda sd: sd.pop("encoder.final_layer_norm.weight")),
+                        ["encoder.final_layer_norm.weight", "missing"]),
+    "t5-nan-embedding": (_edit_tensors(_poke("shared.weight", 3, float("nan"))), ["shared.weight", "NaN"]),
+    "t5-config-type": (_edit_config("d_model", "128"), ["lowbit.config", "'d_model'", "'128'"]),
+}
 ALL = sorted(FILE_CASES) + sorted(CASES)
 
 
@@ -129,7 +135,7 @@ def write_case(name: str, src, dst) -> list:
         write, expected = FILE_CASES[name]
         write(src, dst)
         return expected
-    edit, expected = CASES[name]
+    edit, expected = {**CASES, **T5_CASES}[name]
     sd, meta = _read(src)
     edit(sd, meta)
     save_file({k: v.contiguous() for k, v in sd.items()}, dst, metadata=meta)

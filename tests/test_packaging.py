@@ -1,4 +1,5 @@
 """Registry / ComfyUI-Manager metadata, shipped files, and the README's quickstart commands."""
+import ast
 import importlib.util
 import json
 import sys
@@ -76,3 +77,28 @@ def test_import_without_comfyui():
     import comfyui_lowbit  # noqa: F401
 
     assert "folder_paths" not in sys.modules or hasattr(sys.modules["folder_paths"], "get_filename_list")
+
+
+def _node_classes() -> list:
+    """NODE_CLASS_MAPPINGS keys of nodes/__init__.py (read, not imported: it needs ComfyUI)."""
+    tree = ast.parse((ROOT / "nodes" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and node.targets[0].id == "NODE_CLASS_MAPPINGS":
+            return [k.value for k in node.value.keys]
+    raise AssertionError("nodes/__init__.py defines no NODE_CLASS_MAPPINGS")
+
+
+def test_every_node_has_a_help_page():
+    """ComfyUI's node-docs convention: web/docs/<NodeClass>.md under the pack's WEB_DIRECTORY (the server test
+    in test_comfyui_validation.py fetches them through ComfyUI)."""
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    web = [n.value.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "WEB_DIRECTORY"]
+    assert web == ["./web"]
+    classes = _node_classes()
+    assert len(classes) >= 6
+    pages = {p.stem for p in (ROOT / "web" / "docs").glob("*.md")}
+    assert pages == set(classes), f"pages {sorted(pages)} vs nodes {sorted(classes)}"
+    for name in classes:
+        text = (ROOT / "web" / "docs" / f"{name}.md").read_text()
+        assert text.startswith("# ") and "## Inputs" in text and "## Errors" in text, name
+        assert "## Files" in text, f"{name}.md does not say where the files go"

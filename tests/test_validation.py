@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-from malformed import ALL, write_case
-from tiny_models import write_tiny_flux, write_tiny_lowbit_flux
+from malformed import ALL, T5_CASES, write_case
+from tiny_models import write_tiny_flux, write_tiny_lowbit_t5
 
 from comfyui_lowbit import checkpoint, cli
 from comfyui_lowbit.checkpoint import convert, lowbit_file
@@ -22,7 +22,7 @@ def files(tmp_path_factory):
     src = write_tiny_flux(d / "tiny_flux.safetensors", vec_in_dim=64)
     lowbit = str(d / "tiny_w4a4.safetensors")
     checkpoint.quantize_file(src, lowbit, "svdq_w4a4", rank=16, options={"iters": 1})
-    return {"src": src, "lowbit": lowbit}
+    return {"src": src, "lowbit": lowbit, "t5": write_tiny_lowbit_t5(d / "tiny_t5_w4a16.safetensors")}
 
 
 def _one_line_error(capsys, argv, *expect, rc=1):
@@ -35,10 +35,10 @@ def _one_line_error(capsys, argv, *expect, rc=1):
     return err
 
 
-@pytest.mark.parametrize("case", ALL)
+@pytest.mark.parametrize("case", ALL + sorted(T5_CASES))
 def test_inspect_names_the_damage_in_one_line(tmp_path, files, capsys, case):
     bad = tmp_path / f"{case}.safetensors"
-    expected = write_case(case, files["lowbit"], bad)
+    expected = write_case(case, files["t5" if case in T5_CASES else "lowbit"], bad)
     _one_line_error(capsys, ["inspect", str(bad)], f"{case}.safetensors", *expected)
     with pytest.raises(checkpoint.CheckpointError):  # a plain ValueError subclass
         checkpoint.load_checkpoint(str(bad))
