@@ -20,7 +20,7 @@ from safetensors import safe_open
 from ..quant_ops import QUANT_FORMATS, quantize_weight
 from . import clip_l, flux, t5
 from .errors import CheckpointError
-from .lowbit_file import META_VERSION, _unreadable, check_output, save_checkpoint
+from .lowbit_file import META_VERSION, check_output, save_checkpoint, unreadable_error
 
 log = logging.getLogger("comfyui_lowbit")
 
@@ -50,7 +50,7 @@ def _open(path: str):
     try:
         return safe_open(path, framework="pt")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise _unreadable(path, e) from None
+        raise unreadable_error(path, e) from None
 
 
 class _Source:
@@ -218,6 +218,8 @@ class _Calib:
         self.path, self.keys, self.missing = path, set(), []
         if path is None:
             return
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path}: is a folder, expected a calibration .safetensors file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: calibration file not found")
         with _open(path) as f:

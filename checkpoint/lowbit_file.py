@@ -29,7 +29,7 @@ class CheckpointInfo:
         return counts
 
 
-def _unreadable(path: str, e: Exception) -> CheckpointError:
+def unreadable_error(path: str, e: Exception) -> CheckpointError:
     why = str(e)
     if "not fully covered" in why or "incomplete" in why:
         why = f"shorter than its header says: truncated, e.g. an unfinished download ({why})"
@@ -53,7 +53,7 @@ def read_header(path: str) -> tuple[dict, dict]:
             meta = f.metadata() or {}
             raw = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise _unreadable(path, e) from None
+        raise unreadable_error(path, e) from None
     spec = {}
     for k, (shape, dtype) in raw.items():
         if dtype not in DTYPES:

@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from . import flux
 from .errors import CheckpointError
-from .lowbit_file import CheckpointInfo, _unreadable, check_path
+from .lowbit_file import CheckpointInfo, check_path, unreadable_error
 from .validate import validate_state_dict
 from ..kernels.packing import unpack_int4
 from ..quant_ops import FORMAT_VERSION, W4A4Weights, W4A16Weights
@@ -427,7 +427,7 @@ def read_nunchaku(path: str) -> tuple[dict, dict]:
     try:
         meta, dtypes = _header(path)
     except Exception as e:
-        raise _unreadable(path, e) from None
+        raise unreadable_error(path, e) from None
     if not _looks_nunchaku(meta, dtypes):
         raise ValueError(f"{path}: not a Nunchaku checkpoint (no quantization_config / model_class metadata and no "
                          f"transformer_blocks.N.*.qweight tensors); supported: {SUPPORTED}")

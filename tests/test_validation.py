@@ -95,6 +95,7 @@ def test_quantize_checks_the_output_before_the_first_layer(tmp_path, files, caps
     if not torch.cuda.is_available():
         _one_line_error(capsys, q + [str(tmp_path / "o.safetensors"), "--device", "cuda"] + fmt,
                         "CUDA is not available", rc=2)
+    _one_line_error(capsys, q + [str(tmp_path / "o.safetensors"), "--calib", str(tmp_path)] + fmt, "is a folder")
     _one_line_error(capsys, ["quantize", src], "required", "--format", rc=2)
     assert sorted(os.listdir(tmp_path)) == ["exists.safetensors"] + (["ro"] if os.geteuid() != 0 else [])
 
