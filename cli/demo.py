@@ -41,9 +41,9 @@ def _forward_ms(model, inputs, device, runs):
 
 
 @contextlib.contextmanager
-def _quantize_threads(device):
-    """One CPU thread while quantizing: the SVDs are small, and multi-threaded LAPACK SVD slows down by
-    10-100x when the cores are shared with other work."""
+def _one_cpu_thread(device):
+    """One CPU thread while quantizing and timing: the SVDs and matmuls are small, and several threads slow down
+    by 10-100x when the cores are shared with other work (timings of one run then varied 10x between runs)."""
     n = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -102,22 +102,24 @@ def run_demo(tiny=False, device=None, seed=0, runs=None, log=print, calibrate=Fa
         variants.insert(2, (*CALIBRATED, input_absmax(base, cal_inputs)))
     rows = []
     for label, fmt, rank, opts, absmax in variants:
-        t0 = time.time()
-        with _quantize_threads(device):
+        with _one_cpu_thread(device):
+            t0 = time.time()
             model = base if fmt is None else quantize_flux(copy.deepcopy(base), fmt, rank=rank, act_absmax=absmax, **opts)
-        qs = time.time() - t0
-        with torch.no_grad():
-            out = model(**inputs).float()
+            qs = time.time() - t0
+            with torch.no_grad():
+                out = model(**inputs).float()
+            ms = _forward_ms(model, inputs, device, runs)
         err = ((out - ref).norm() / ref.norm()).item()
         row = dict(label=label, format=fmt or "bf16", rank=rank, weight_bytes=weight_bytes(model),
-                   rel_error=err, ms=_forward_ms(model, inputs, device, runs), quantize_s=None if fmt is None else qs)
+                   rel_error=err, ms=ms, quantize_s=None if fmt is None else qs)
         rows.append(row)
         log(f"  {label:26s} error {err:.4f}  {row['ms']:.1f} ms/forward" + (f"  (quantized in {qs:.1f} s)" if fmt else ""))
         if model is not base:
             del model
     for r in rows:
         r["size_ratio"] = rows[0]["weight_bytes"] / r["weight_bytes"]
-    return {"config": cfg, "device": str(device), "backend": kernels.backend_for(device).__name__.rsplit(".", 1)[-1],
+    where = "cpu, 1 thread" if device.type == "cpu" else str(device)
+    return {"config": cfg, "device": where, "backend": kernels.backend_for(device).__name__.rsplit(".", 1)[-1],
             "tokens": (hw[0] * hw[1], txt), "rows": rows}
 
 
