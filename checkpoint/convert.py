@@ -328,9 +328,10 @@ def _output_bytes(units, shapes, fmt_of, fmt, rank, group_size) -> int:
             continue
         n, k = shapes[w]
         r = 0 if lfmt == "w4a16" else min(rank, n, k)
-        total += {"svdq_w4a4": n * k // 2 + 2 * (k // 64) * n + 2 * k,
+        packed = {"svdq_w4a4": n * k // 2 + 2 * (k // 64) * n + 2 * k,
                   "ternary": n * k // 4 + 2 * n,
-                  "w4a16": n * k // 2 + 4 * (k // group_size) * n}[lfmt] + 2 * r * (n + k) + 2 * n
+                  "w4a16": n * k // 2 + 4 * (k // group_size) * n}
+        total += packed.get(lfmt, 2 * n * k) + 2 * r * (n + k) + 2 * n  # a format not listed: its 16-bit size
     return total
 
 
