@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
+# ComfyUI serves this folder at /extensions/<pack folder>/; the frontend's node help reads docs/<NodeClass>.md
+WEB_DIRECTORY = "./web"
 
 try:
     import folder_paths  # noqa: F401  (present only when ComfyUI is running or on the path)
@@ -18,4 +20,4 @@ except ImportError:
 if _IN_COMFYUI:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

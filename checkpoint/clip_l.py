@@ -5,6 +5,11 @@ import re
 DETECT_KEYS = ("text_model.encoder.layers.0.mlp.fc1.weight", "text_model.embeddings.token_embedding.weight")
 BIGGER_CLIPS = ("text_model.encoder.layers.22.mlp.fc1.weight",)  # CLIP-H / CLIP-G: not supported here
 FORMAT = "w4a16"
+OPTIONAL_KEYS = ("text_projection.weight", "text_model.embeddings.position_ids", "logit_scale")
+# lowbit.config keys (informational for CLIP-L: ComfyUI hard-codes its architecture); checked when present
+CONFIG_TYPES = {}
+OPTIONAL_CONFIG = {"hidden_size": "positive int", "intermediate_size": "positive int",
+                   "num_hidden_layers": "positive int", "vocab_size": "positive int"}
 
 _LINEAR = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 
@@ -19,22 +24,32 @@ def layer_format(name: str, fmt: str = FORMAT) -> str | None:
 
 
 def infer_config(shapes: dict) -> dict:
-    vocab, hidden = shapes["text_model.embeddings.token_embedding.weight"]
+    def shape(k):
+        if k not in shapes:
+            raise ValueError(f"missing tensor {k}; not a complete CLIP-L text encoder")
+        return tuple(shapes[k])
+
+    vocab, hidden = shape("text_model.embeddings.token_embedding.weight")
     idx = {int(m.group(1)) for k in shapes if (m := re.match(r"^text_model\.encoder\.layers\.(\d+)\.", k))}
     if idx != set(range(len(idx))):
         raise ValueError(f"CLIP layer indices {sorted(idx)} are not 0..{len(idx) - 1}; the file is incomplete")
-    return {"hidden_size": hidden, "intermediate_size": shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0],
-            "num_hidden_layers": len(idx), "vocab_size": vocab}
+    return {"hidden_size": hidden, "intermediate_size": shape("text_model.encoder.layers.0.mlp.fc1.weight")[0],
+            "num_hidden_layers": len(idx), "vocab_size": vocab,
+            "max_position_embeddings": shape("text_model.embeddings.position_embedding.weight")[0]}
 
 
-def check_shapes(path: str, shapes: dict, config: dict) -> None:
+def expected_shapes(config: dict) -> dict:
+    """{tensor name: shape} of a CLIP-L text model with `config` (16-bit; OPTIONAL_KEYS may come on top)."""
     h, ff = config["hidden_size"], config["intermediate_size"]
+    out = {"text_model.embeddings.token_embedding.weight": (config["vocab_size"], h),
+           "text_model.embeddings.position_embedding.weight": (config["max_position_embeddings"], h),
+           "text_model.final_layer_norm.weight": (h,), "text_model.final_layer_norm.bias": (h,)}
     for i in range(config["num_hidden_layers"]):
         p = f"text_model.encoder.layers.{i}"
-        want = {f"{p}.self_attn.{n}_proj.weight": (h, h) for n in ("q", "k", "v", "out")}
-        want.update({f"{p}.mlp.fc1.weight": (ff, h), f"{p}.mlp.fc2.weight": (h, ff)})
-        for k, s in want.items():
-            if k not in shapes:
-                raise ValueError(f"{path}: tensor {k} is missing")
-            if tuple(shapes[k]) != s:
-                raise ValueError(f"{path}: tensor {k} has shape {tuple(shapes[k])}, expected {s}")
+        for n in ("q", "k", "v", "out"):
+            out[f"{p}.self_attn.{n}_proj.weight"], out[f"{p}.self_attn.{n}_proj.bias"] = (h, h), (h,)
+        out[f"{p}.mlp.fc1.weight"], out[f"{p}.mlp.fc1.bias"] = (ff, h), (ff,)
+        out[f"{p}.mlp.fc2.weight"], out[f"{p}.mlp.fc2.bias"] = (h, ff), (h,)
+        for n in ("layer_norm1", "layer_norm2"):
+            out[f"{p}.{n}.weight"], out[f"{p}.{n}.bias"] = (h,), (h,)
+    return out

@@ -10,6 +10,7 @@ import ctypes.util
 import glob
 import json
 import logging
+import math
 import os
 import time
 
@@ -18,7 +19,8 @@ from safetensors import safe_open
 
 from ..quant_ops import QUANT_FORMATS, quantize_weight
 from . import clip_l, flux, t5
-from .lowbit_file import save_checkpoint
+from .errors import CheckpointError
+from .lowbit_file import META_VERSION, check_output, save_checkpoint, unreadable_error
 
 log = logging.getLogger("comfyui_lowbit")
 
@@ -48,7 +50,7 @@ def _open(path: str):
     try:
         return safe_open(path, framework="pt")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise unreadable_error(path, e) from None
 
 
 class _Source:
@@ -62,6 +64,7 @@ class _Source:
         files = _shards(path)
         for file in files:
             with _open(file) as f:
+                _refuse_quantized(path, f.metadata() or {}, f.keys())
                 for k in f.keys():
                     try:
                         self.shapes[k] = tuple(f.get_slice(k).get_shape())
@@ -105,6 +108,18 @@ class _Source:
         return t
 
 
+def _refuse_quantized(path: str, meta: dict, keys) -> None:
+    """An input that is already quantized gets one line saying so, not a list of unexpected tensors."""
+    from .nunchaku import is_nunchaku
+
+    if META_VERSION in meta:
+        raise CheckpointError(f"{path} is already a lowbit {meta.get('lowbit.model', '?')!r} checkpoint; "
+                              f"pick the 16-bit model it was made from to quantize")
+    if is_nunchaku(meta) or any(k.endswith(".qweight") for k in keys):
+        raise CheckpointError(f"{path} is already quantized (a Nunchaku SVDQuant checkpoint); load it directly or "
+                              f"convert it with `lowbit convert-nunchaku`")
+
+
 def _shards(path: str) -> list:
     if os.path.isdir(path):
         index = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
@@ -132,7 +147,7 @@ def _shards(path: str) -> list:
 
 
 def _plan(src: _Source):
-    """(model, plan {out name: ([source keys], swap)}, config, fmt_of(layer, fmt))."""
+    """(model, plan {out name: ([source keys], swap)}, {out name: shape}, config, fmt_of(layer, fmt))."""
     keys = [k for k in src.keys if not k.endswith(_SCALE_SUFFIXES + (".scale_input", ".input_scale")) and k not in _IGNORED]
     fp = flux.strip_prefix(keys)
     fkeys = [k[len(fp):] for k in keys if k.startswith(fp)]
@@ -146,7 +161,7 @@ def _plan(src: _Source):
         shapes = _out_shapes(src, plan)
         config = flux.infer_config(shapes)
         _check_shapes(src.path, shapes, flux.expected_shapes(config), ())
-        return "flux", plan, config, flux.layer_format
+        return "flux", plan, shapes, config, flux.layer_format
     tp = t5.strip_prefix(keys)
     tkeys = [k[len(tp):] for k in keys if k.startswith(tp)]
     if t5.is_t5(tkeys):
@@ -154,12 +169,13 @@ def _plan(src: _Source):
         shapes = _out_shapes(src, plan)
         config = t5.infer_config(shapes)
         _check_shapes(src.path, shapes, t5.expected_shapes(config), t5.OPTIONAL_KEYS)
-        return "t5", plan, config, lambda name, fmt: t5.layer_format(name)
+        return "t5", plan, shapes, config, lambda name, fmt: t5.layer_format(name)
     if clip_l.is_clip_l(keys):
         plan = {k: ([k], False) for k in keys}
-        config = clip_l.infer_config(src.shapes)
-        clip_l.check_shapes(src.path, src.shapes, config)
-        return "clip_l", plan, config, lambda name, fmt: clip_l.layer_format(name)
+        shapes = _out_shapes(src, plan)
+        config = clip_l.infer_config(shapes)
+        _check_shapes(src.path, shapes, clip_l.expected_shapes(config), clip_l.OPTIONAL_KEYS)
+        return "clip_l", plan, shapes, config, lambda name, fmt: clip_l.layer_format(name)
     raise ValueError(f"{src.path}: neither a FLUX transformer (BFL keys {flux.DETECT_KEYS} or diffusers keys "
                      f"{flux.DIFFUSERS_DETECT_KEYS}) nor a T5 encoder (keys {t5.DETECT_KEYS}) nor CLIP-L; "
                      f"found e.g. {sorted(keys)[:3]}")
@@ -202,6 +218,8 @@ class _Calib:
         self.path, self.keys, self.missing = path, set(), []
         if path is None:
             return
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path}: is a folder, expected a calibration .safetensors file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: calibration file not found")
         with _open(path) as f:
@@ -240,16 +258,23 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
         raise ValueError(f"format must be one of {QUANT_FORMATS}, got {fmt!r}")
     if group_size not in (64, 128):
         raise ValueError(f"group size must be 64 or 128, got {group_size}")
-    if os.path.exists(dst) and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
-    if os.path.abspath(dst) in {os.path.abspath(f) for f in _shards(src) + [src]}:
-        raise ValueError(f"{dst}: output would overwrite the input")
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    # everything knowable before the first layer is checked here: a full FLUX takes hours to quantize
+    inputs = _shards(src) + [src] + ([calib] if calib else [])
+    check_output(dst, inputs, force)
     source = _Source(src)
-    model, plan, config, fmt_of = _plan(source)
+    try:
+        model, plan, shapes, config, fmt_of = _plan(source)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e) if str(e).startswith(src) else f"{src}: {e}") from None
     if model != "flux" and fmt != "w4a16":
         log.warning("%s: text encoders are quantized weight-only (w4a16), not %s", src, fmt)
     calib_stats = _Calib(calib)
     units = _units(plan)
+    check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, fmt_of, fmt, rank, group_size))
     out, layers = {}, {}
     for done, (layer, parts) in enumerate(units, 1):
         with source.reader() as read:
@@ -287,8 +312,27 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
         counts[cfg["format"]] = counts.get(cfg["format"], 0) + 1
     in_bytes, out_bytes = source.size, os.path.getsize(dst)
     return {"src": src, "dst": dst, "model": model, "config": config, "layer_counts": counts,
+            "layers_total": len(units), "layers_16bit": len(units) - len(layers),
             "input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": in_bytes / max(out_bytes, 1),
             "seconds": time.time() - t0, "calib_missing": list(calib_stats.missing)}
+
+
+def _output_bytes(units, shapes, fmt_of, fmt, rank, group_size) -> int:
+    """An upper estimate of the checkpoint's size (w4a16 counted with zero points), for the free-space check."""
+    total = 1 << 20  # header
+    for layer, parts in units:
+        w = parts.get("weight")
+        lfmt = fmt_of(layer, fmt) if w is not None and len(shapes[w]) == 2 else None
+        if lfmt is None:
+            total += sum(2 * math.prod(shapes[name]) for name in parts.values())
+            continue
+        n, k = shapes[w]
+        r = 0 if lfmt == "w4a16" else min(rank, n, k)
+        packed = {"svdq_w4a4": n * k // 2 + 2 * (k // 64) * n + 2 * k,
+                  "ternary": n * k // 4 + 2 * n,
+                  "w4a16": n * k // 2 + 4 * (k // group_size) * n}
+        total += packed.get(lfmt, 2 * n * k) + 2 * r * (n + k) + 2 * n  # a format not listed: its 16-bit size
+    return total
 
 
 def _fetch(read, srcs, swap) -> torch.Tensor:

@@ -16,6 +16,12 @@ _BLOCK_LAYER = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|ml
                           r"|single_blocks\.\d+\.linear[12])$")
 _MOD_LAYER = re.compile(r"^(double_blocks\.\d+\.(img|txt)_mod\.lin|single_blocks\.\d+\.modulation\.lin)$")
 MOD_FORMAT = "w4a16"
+# lowbit.config keys expected_shapes reads and what each must be (checked before a file is trusted)
+CONFIG_TYPES = {"in_channels": "positive int", "context_in_dim": "positive int", "hidden_size": "positive int",
+                "num_heads": "positive int", "depth": "count", "depth_single_blocks": "count",
+                "mlp_ratio": "positive number", "qkv_bias": "bool", "guidance_embed": "bool",
+                "vec_in_dim": "positive int or null"}
+OPTIONAL_CONFIG = {"out_channels": "positive int", "axes_dim": "list", "theta": "positive number"}
 
 
 def layer_format(name: str, block_fmt: str) -> str | None:

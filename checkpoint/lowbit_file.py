@@ -1,6 +1,7 @@
 """Lowbit checkpoint files: one safetensors file, metadata naming the format of every quantized layer."""
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 
@@ -8,13 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..quant_ops import FORMAT_VERSION, FORMATS
-
-MODELS = ("flux", "t5", "clip_l")
-META_VERSION = "lowbit.format_version"
-
-
-class NotALowbitCheckpoint(ValueError):
-    """The file is readable safetensors but carries no lowbit metadata."""
+from .errors import CheckpointError, NotALowbitCheckpoint
+from .validate import DTYPES, META_VERSION, MODELS, check_finite, check_tensors, parse_metadata, validate_state_dict
 
 
 @dataclass
@@ -33,54 +29,69 @@ class CheckpointInfo:
         return counts
 
 
-def _read_metadata(path: str) -> dict:
+def unreadable_error(path: str, e: Exception) -> CheckpointError:
+    why = str(e)
+    if "not fully covered" in why or "incomplete" in why:
+        why = f"shorter than its header says: truncated, e.g. an unfinished download ({why})"
+    elif "invalid" in why and ("offset" in why or "shape" in why):
+        why = f"its header's shapes, dtypes and offsets disagree ({why})"
+    return CheckpointError(f"{path}: not a readable safetensors file: {why}")
+
+
+def check_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder, expected a .safetensors file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
+
+
+def read_header(path: str) -> tuple[dict, dict]:
+    """(metadata, {key: (shape, torch dtype)}) without reading tensor data."""
+    check_path(path)
     try:
         with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}
+            meta = f.metadata() or {}
+            raw = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise unreadable_error(path, e) from None
+    spec = {}
+    for k, (shape, dtype) in raw.items():
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {k} has dtype {dtype}, which no lowbit checkpoint holds")
+        spec[k] = (shape, DTYPES[dtype])
+    return meta, spec
 
 
-def read_info(path: str) -> CheckpointInfo:
-    """The lowbit metadata of `path`; NotALowbitCheckpoint names the file and what was found instead."""
-    meta = _read_metadata(path)
+def _info(path: str, meta: dict) -> CheckpointInfo:
     if META_VERSION not in meta:
         found = "Nunchaku metadata: convert it with `lowbit convert-nunchaku`" \
             if any(k in meta for k in ("quantization_config", "comfy_config")) else \
             f"metadata keys {sorted(meta)[:5]}" if meta else "no metadata"
         raise NotALowbitCheckpoint(f"{path}: not a lowbit checkpoint ({found}; expected '{META_VERSION}' "
                                    f"in the safetensors metadata - make one with `lowbit quantize`)")
-    try:
-        version = int(meta[META_VERSION])
-        layers = json.loads(meta.get("lowbit.layers", "{}"))
-        config = json.loads(meta["lowbit.config"]) if "lowbit.config" in meta else None
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt lowbit metadata ({e})") from None
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{path}: lowbit format version {version} is newer than this comfyui-lowbit supports "
-                         f"({FORMAT_VERSION}); update comfyui-lowbit")
-    model = meta.get("lowbit.model", "")
-    if model not in MODELS:
-        raise ValueError(f"{path}: lowbit.model is {model!r}, expected one of {MODELS}")
-    for name, cfg in layers.items():
-        if cfg.get("format") not in FORMATS:
-            raise ValueError(f"{path}: layer {name} has format {cfg.get('format')!r}, expected one of {sorted(FORMATS)}")
+    model, version, layers, config = parse_metadata(path, meta)
     return CheckpointInfo(path, model, version, layers, config, meta)
 
 
+def read_info(path: str) -> CheckpointInfo:
+    """The lowbit metadata of `path`, types checked; NotALowbitCheckpoint names the file and what was found."""
+    return _info(path, read_header(path)[0])
+
+
 def load_checkpoint(path: str, device="cpu") -> tuple[dict, CheckpointInfo]:
-    """(state dict, info); every quantized layer's tensors are checked against its recorded format."""
-    info = read_info(path)
+    """(state dict, info) after the whole validation: metadata, every tensor's name, shape and dtype (before
+    any data is read), then every floating-point tensor finite."""
+    meta, spec = read_header(path)
+    info = _info(path, meta)
+    check_tensors(path, info.model, info.layers, info.config, spec)
     sd = {}
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             for k in f.keys():
                 sd[k] = f.get_tensor(k)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read tensors ({e}); the file may be truncated") from None
-    packed_layers(sd, info)  # validates
+        raise CheckpointError(f"{path}: cannot read tensors ({e}); the file may be truncated") from None
+    check_finite(path, sd)
     return sd, info
 
 
@@ -94,17 +105,46 @@ def packed_layers(sd: dict, info: CheckpointInfo) -> dict:
         try:
             out[name] = cls.from_tensors(tensors, cfg, layer=name)
         except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{info.path}: {e}") from None
+            raise CheckpointError(f"{info.path}: {e}") from None
+    return out
+
+
+def check_output(path: str, inputs=(), force: bool = False, needed_bytes: int = 0) -> str:
+    """Where a checkpoint will be written, checked before any work: not a folder, its folder exists and takes a
+    new file, not one of `inputs`, not an existing file unless `force`, room for `needed_bytes`. The absolute path."""
+    out = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"{path}: is a folder; give the output file's name (e.g. {os.path.join(path, 'model-lowbit.safetensors')})")
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: the output folder {folder} does not exist")
+    for src in inputs:
+        src = os.path.abspath(os.fspath(src))
+        if src == out or (os.path.exists(src) and os.path.exists(out) and os.path.samefile(src, out)):
+            raise ValueError(f"{path}: output would overwrite the input {src}")
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    try:  # the only sure test that the folder takes a new file (permissions, ACLs, read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".lowbit-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"{path}: cannot write to the output folder {folder} ({e.strerror or e})") from None
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > free:
+        raise OSError(f"{path}: the output needs about {needed_bytes / 1e9:.2f} GB but {folder} has "
+                      f"{free / 1e9:.2f} GB free")
     return out
 
 
 def save_checkpoint(path: str, tensors: dict, layers: dict, model: str, config: dict | None,
                     force: bool = False, extra_meta: dict | None = None) -> str:
-    """Write atomically (temp file in the same folder, then rename); refuse to overwrite unless `force`."""
+    """Validate (validate.py, as a reader would), then write atomically (temp file in the same folder, then
+    rename); refuse to overwrite unless `force`."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    check_output(path, force=force)
+    validate_state_dict(path, model, layers, config, tensors)
     meta = {META_VERSION: str(FORMAT_VERSION), "lowbit.model": model, "lowbit.layers": json.dumps(layers)}
     if config is not None:
         meta["lowbit.config"] = json.dumps(config)
@@ -116,7 +156,7 @@ def save_checkpoint(path: str, tensors: dict, layers: dict, model: str, config: 
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # Ctrl-C included: never leave the temp file behind
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
@@ -136,5 +176,5 @@ def logical_size(sd: dict, info: CheckpointInfo) -> tuple[int, int]:
     return params, bf16
 
 
-__all__ = ["CheckpointInfo", "NotALowbitCheckpoint", "read_info", "load_checkpoint", "packed_layers",
-           "save_checkpoint", "logical_size"]
+__all__ = ["CheckpointInfo", "CheckpointError", "NotALowbitCheckpoint", "check_output", "check_path",
+           "read_header", "read_info", "load_checkpoint", "packed_layers", "save_checkpoint", "logical_size"]

@@ -32,7 +32,9 @@ import torch
 from safetensors import safe_open
 
 from . import flux
-from .lowbit_file import CheckpointInfo
+from .errors import CheckpointError
+from .lowbit_file import CheckpointInfo, check_path, unreadable_error
+from .validate import validate_state_dict
 from ..kernels.packing import unpack_int4
 from ..quant_ops import FORMAT_VERSION, W4A4Weights, W4A16Weights
 
@@ -57,7 +59,7 @@ _ALIASES = {"lora_down": ("lora_down", "proj_down"), "lora_up": ("lora_up", "pro
 _IGNORED = ("smooth_orig", "smooth_factor_orig")
 
 
-class UnsupportedNunchaku(ValueError):
+class UnsupportedNunchaku(CheckpointError):
     """A Nunchaku file this importer cannot convert (NVFP4, legacy folder part, not FLUX)."""
 
 
@@ -343,9 +345,19 @@ def _count(keys, prefix: str) -> int:
 
 
 def convert_state_dict(sd: dict, metadata: dict | None = None, source: str = "checkpoint", consume: bool = False):
-    """Nunchaku FLUX state dict -> (lowbit tensors with BFL names, {layer: packed.config()}, flux config).
-    consume: remove the source tensors from `sd` as they are converted (lower peak memory)."""
-    metadata = metadata or {}
+    """Nunchaku FLUX state dict -> (lowbit tensors with BFL names, {layer: packed.config()}, flux config), validated
+    like a lowbit file (validate.py). consume: remove the source tensors from `sd` as they are converted (lower
+    peak memory). Every error is a CheckpointError naming `source`."""
+    try:
+        return _convert(sd, metadata or {}, source, consume)
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError) as e:  # a damaged file's tensors can fail inside the layout inversion
+        msg = str(e) if str(e).startswith(source) else f"{source}: {e}"
+        raise CheckpointError(msg) from None
+
+
+def _convert(sd: dict, metadata: dict, source: str, consume: bool):
     check_supported(metadata, {k: str(v.dtype).replace("torch.float8", "F8") for k, v in sd.items()}, source)
     rd = _Reader(sd, source, consume)
     tensors, layers = {}, {}
@@ -388,6 +400,7 @@ def convert_state_dict(sd: dict, metadata: dict | None = None, source: str = "ch
     if out_ch is not None and out_ch != config["in_channels"]:  # FLUX.1 Fill / Depth / Canny: wider img_in
         config["out_channels"] = out_ch
     _check_config(config, metadata, source)
+    validate_state_dict(source, "flux", layers, config, tensors)
     return tensors, layers, config
 
 
@@ -410,12 +423,11 @@ def read_nunchaku(path: str) -> tuple[dict, dict]:
     if os.path.isdir(path):
         raise UnsupportedNunchaku(f"{path}: a folder (Nunchaku's legacy format); merge it into one file with "
                                   f"`python -m nunchaku.merge_safetensors` first; supported: {SUPPORTED}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+    check_path(path)
     try:
         meta, dtypes = _header(path)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise unreadable_error(path, e) from None
     if not _looks_nunchaku(meta, dtypes):
         raise ValueError(f"{path}: not a Nunchaku checkpoint (no quantization_config / model_class metadata and no "
                          f"transformer_blocks.N.*.qweight tensors); supported: {SUPPORTED}")

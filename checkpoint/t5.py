@@ -6,6 +6,11 @@ DETECT_KEYS = ("shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"
 OPTIONAL_KEYS = ("encoder.embed_tokens.weight",)  # some exports keep a tied copy of shared.weight
 FORMAT = "w4a16"
 GROUP_SIZE = 128
+# lowbit.config keys expected_shapes (and ComfyUI's T5) read and what each must be
+CONFIG_TYPES = {"d_ff": "positive int", "d_kv": "positive int", "d_model": "positive int", "num_heads": "positive int",
+                "num_layers": "positive int", "vocab_size": "positive int", "relative_attention_num_buckets": "positive int",
+                "is_gated_act": "bool"}
+OPTIONAL_CONFIG = {"dense_act_fn": "str", "model_type": "str", "layer_norm_epsilon": "positive number"}
 
 _LINEAR = re.compile(r"^encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(wi|wi_0|wi_1|wo))$")
 

@@ -2,6 +2,7 @@
 which sets `run=callable(args) -> int` through `set_defaults`."""
 import argparse
 import importlib
+import os
 import sys
 
 from .. import __version__
@@ -10,8 +11,15 @@ from .. import __version__
 COMMAND_MODULES = [".quantize", ".inspect", ".convert_nunchaku", ".bench", ".demo"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the usage block first), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="comfyui-lowbit: 4-bit and 1.58-bit FLUX tools")
+    p = _Parser(prog="lowbit", description="comfyui-lowbit: 4-bit and 1.58-bit FLUX tools")
     p.add_argument("--version", action="version", version=f"comfyui-lowbit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -19,17 +27,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report(line: str) -> None:
+    """The error on its own line: on a terminal, first clear what a progress bar left on the current one."""
+    prefix = "\r\033[K" if sys.stderr.isatty() else ""
+    print(prefix + line, file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
 def main(argv=None) -> int:
+    """Every error is one line on stderr: bad input exits 1, Ctrl-C 130, usage errors 2 (LOWBIT_DEBUG=1 lets
+    unexpected errors through with their traceback)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage error (already printed), --help, --version
+        return e.code if isinstance(e.code, int) else 0
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    name = f"lowbit {args.command}"
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-        # bad input: one line naming the file / key / layer, non-zero exit
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        _report(f"{name}: interrupted; no output was written")
+        return 130
+    except (ValueError, OSError) as e:  # bad input: one line naming the file / key / layer
+        _report(f"{name}: error: {_one_line(e)}")
+        return 1
+    except Exception as e:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        _report(f"{name}: error: {type(e).__name__}: {_one_line(e)} (LOWBIT_DEBUG=1 shows the traceback)")
         return 1
 
 

@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+from .args import device
 from .benchmark import LAYER_FORMATS, MODEL_FORMATS, RANK
 
 
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
                    help="reduced shapes and model (hidden 256), a few runs: runs anywhere (CPU: reference kernels)")
     p.add_argument("--out", metavar="DIR", default=None, help="write DIR/bench.json and DIR/bench.md")
     p.add_argument("--force", action="store_true", help="overwrite existing bench.json / bench.md in --out")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=device, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--m", type=_csv(int), default=None, metavar="M,M,...",
                    help="token counts for the layer benchmark (default 1,256,4608,9216; --small: 1,64)")
     p.add_argument("--formats", type=_csv(str, LAYER_FORMATS), default=list(LAYER_FORMATS), metavar="F,F,...",

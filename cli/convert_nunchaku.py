@@ -16,10 +16,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import convert_state_dict, read_nunchaku, save_checkpoint
+    from ..checkpoint import check_output, convert_state_dict, read_nunchaku, save_checkpoint
 
-    if os.path.exists(args.output) and not args.force:  # fail before the (long) read
-        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    size = os.path.getsize(args.input) if os.path.isfile(args.input) else 0
+    # fail before the (long) read; the output is about the input's size (the fused single-block branches a bit more)
+    check_output(args.output, [args.input], args.force, needed_bytes=int(1.1 * size))
     sd, meta = read_nunchaku(args.input)
     tensors, layers, config = convert_state_dict(sd, meta, source=args.input, consume=True)
     extra = {"lowbit.source": f"nunchaku:{os.path.basename(args.input)}"}

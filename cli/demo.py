@@ -9,12 +9,16 @@ reference on CPU). `--comfyui PATH` additionally runs a shipped workflow headles
 import contextlib
 import copy
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .args import device
 
 DEMO_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=512, mlp_ratio=4.0, num_heads=4,
                    depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True)
@@ -37,9 +41,9 @@ def _forward_ms(model, inputs, device, runs):
 
 
 @contextlib.contextmanager
-def _quantize_threads(device):
-    """One CPU thread while quantizing: the SVDs are small, and multi-threaded LAPACK SVD slows down by
-    10-100x when the cores are shared with other work."""
+def _one_cpu_thread(device):
+    """One CPU thread while quantizing and timing: the SVDs and matmuls are small, and several threads slow down
+    by 10-100x when the cores are shared with other work (timings of one run then varied 10x between runs)."""
     n = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -98,22 +102,24 @@ def run_demo(tiny=False, device=None, seed=0, runs=None, log=print, calibrate=Fa
         variants.insert(2, (*CALIBRATED, input_absmax(base, cal_inputs)))
     rows = []
     for label, fmt, rank, opts, absmax in variants:
-        t0 = time.time()
-        with _quantize_threads(device):
+        with _one_cpu_thread(device):
+            t0 = time.time()
             model = base if fmt is None else quantize_flux(copy.deepcopy(base), fmt, rank=rank, act_absmax=absmax, **opts)
-        qs = time.time() - t0
-        with torch.no_grad():
-            out = model(**inputs).float()
+            qs = time.time() - t0
+            with torch.no_grad():
+                out = model(**inputs).float()
+            ms = _forward_ms(model, inputs, device, runs)
         err = ((out - ref).norm() / ref.norm()).item()
         row = dict(label=label, format=fmt or "bf16", rank=rank, weight_bytes=weight_bytes(model),
-                   rel_error=err, ms=_forward_ms(model, inputs, device, runs), quantize_s=None if fmt is None else qs)
+                   rel_error=err, ms=ms, quantize_s=None if fmt is None else qs)
         rows.append(row)
         log(f"  {label:26s} error {err:.4f}  {row['ms']:.1f} ms/forward" + (f"  (quantized in {qs:.1f} s)" if fmt else ""))
         if model is not base:
             del model
     for r in rows:
         r["size_ratio"] = rows[0]["weight_bytes"] / r["weight_bytes"]
-    return {"config": cfg, "device": str(device), "backend": kernels.backend_for(device).__name__.rsplit(".", 1)[-1],
+    where = "cpu, 1 thread" if device.type == "cpu" else str(device)
+    return {"config": cfg, "device": where, "backend": kernels.backend_for(device).__name__.rsplit(".", 1)[-1],
             "tokens": (hw[0] * hw[1], txt), "rows": rows}
 
 
@@ -135,14 +141,70 @@ def format_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_workflow_headless(comfyui_path, workflow_json=DEFAULT_WORKFLOW, python=None, timeout=1800) -> int:
-    """Run one shipped workflow (workflows/<workflow_json>) headless through the ComfyUI checkout at
-    `comfyui_path` (`main.py --cpu` on a free loopback port), on tiny stand-in models written to a temp
-    folder under the file names the workflow expects (no downloads), and check its saved image.
+# where ComfyUI installs keep their Python: a venv inside the checkout, or the Windows portable build's
+# python_embeded next to it
+PYTHON_CANDIDATES = ("venv/bin/python", ".venv/bin/python", "venv/Scripts/python.exe", ".venv/Scripts/python.exe",
+                     "../python_embeded/python.exe", "python_embeded/python.exe")
+# what the headless run imports in that Python: pytest, and a few of ComfyUI's own requirements
+NEEDED_MODULES = ("pytest", "torch", "safetensors", "aiohttp", "yaml", "PIL", "einops")
 
-    This drives the pack's own headless workflow test (tests/test_workflows.py), so it needs the pack's
-    tests/ folder (a git checkout), pytest, and a Python (`python`, default this one) that has ComfyUI's
-    requirements. Returns the test's exit code (0: the workflow ran and saved its image)."""
+
+def _missing_modules(python: str) -> list:
+    code = "import importlib.util as u, sys; print(','.join(m for m in sys.argv[1:] if u.find_spec(m) is None))"
+    try:
+        out = subprocess.run([python, "-c", code, *NEEDED_MODULES], capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        raise ValueError(f"{python}: cannot run it ({e.strerror or e}); pass --comfyui-python PYTHON") from None
+    if out.returncode != 0:
+        raise ValueError(f"{python}: not a working Python (exit code {out.returncode}); pass --comfyui-python PYTHON")
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+def find_comfyui_python(comfyui_path: str, python: str | None = None) -> str:
+    """The Python to run ComfyUI headless with: `python` if given, else the checkout's venv / .venv /
+    python_embeded, else this one if it has ComfyUI's requirements; one-line errors saying what to pass."""
+    if python:
+        candidates, where = [python], "--comfyui-python"
+    else:
+        found = [os.path.normpath(os.path.join(comfyui_path, c)) for c in PYTHON_CANDIDATES]
+        candidates = [c for c in found if os.path.isfile(c)] or [sys.executable]
+        where = f"found in {comfyui_path}" if candidates[0] != sys.executable else \
+            f"this Python: no venv, .venv or python_embeded in {comfyui_path}"
+    chosen = candidates[0]
+    if not os.path.isfile(chosen) and not shutil.which(chosen):
+        raise FileNotFoundError(f"--comfyui-python {chosen}: no such program")
+    missing = _missing_modules(chosen)
+    if missing:
+        hint = f"install them with `{chosen} -m pip install {' '.join(missing)}`" if missing == ["pytest"] else \
+            "pass the Python that runs your ComfyUI with --comfyui-python PYTHON"
+        raise ValueError(f"{chosen} ({where}) lacks {', '.join(missing)} for the headless ComfyUI run; {hint}")
+    return chosen
+
+
+def _importable_pack() -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A folder to put on PYTHONPATH so that `import comfyui_lowbit` finds this pack (a git checkout is
+    usually named comfyui-lowbit, which is not importable): the parent, or a temporary folder with a link."""
+    if PACK_DIR.name == "comfyui_lowbit":
+        return str(PACK_DIR.parent), None
+    tmp = tempfile.TemporaryDirectory(prefix="lowbit-demo-")
+    try:
+        os.symlink(PACK_DIR, os.path.join(tmp.name, "comfyui_lowbit"), target_is_directory=True)
+    except OSError as e:
+        tmp.cleanup()
+        raise OSError(f"cannot link {PACK_DIR} as comfyui_lowbit for the headless run ({e.strerror or e}); "
+                      f"rename the pack folder to comfyui_lowbit") from None
+    return tmp.name, tmp
+
+
+def _failure_line(log: str) -> str:
+    """The most telling line of a failed pytest run: its last `E ` line, else its last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line[1:].strip() for line in lines if line.startswith("E ")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def check_headless(comfyui_path, workflow_json=DEFAULT_WORKFLOW, python=None) -> tuple[str, str]:
+    """(ComfyUI folder, Python) for run_workflow_headless, checked before any work: one-line errors."""
     comfyui_path = os.path.abspath(os.path.expanduser(str(comfyui_path)))
     if not os.path.isfile(os.path.join(comfyui_path, "main.py")):
         raise FileNotFoundError(f"{comfyui_path}: not a ComfyUI checkout (no main.py)")
@@ -152,13 +214,38 @@ def run_workflow_headless(comfyui_path, workflow_json=DEFAULT_WORKFLOW, python=N
                                 "(it ships with the pack's git checkout)")
     if not (PACK_DIR / "workflows" / workflow_json).is_file():
         raise FileNotFoundError(f"{PACK_DIR / 'workflows' / workflow_json}: no such shipped workflow")
-    cmd = [python or sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           f"{test}::test_workflow_runs[{workflow_json}]"]
-    env = dict(os.environ, COMFYUI_PATH=comfyui_path)
+    return comfyui_path, find_comfyui_python(comfyui_path, python)
+
+
+def run_workflow_headless(comfyui_path, workflow_json=DEFAULT_WORKFLOW, python=None, timeout=1800) -> int:
+    """Run one shipped workflow (workflows/<workflow_json>) headless through the ComfyUI checkout at
+    `comfyui_path` (`main.py --cpu` on a free loopback port), on tiny stand-in models written to a temp
+    folder under the file names the workflow expects (no downloads), and check its saved image.
+
+    This drives the pack's own headless workflow test (tests/test_workflows.py), so it needs the pack's
+    tests/ folder (a git checkout) and a Python with ComfyUI's requirements and pytest (`python`, default:
+    find_comfyui_python). Returns 0 when the workflow ran and saved its image; a failure raises one line
+    with the reason and the path of the full log."""
+    comfyui_path, python = check_headless(comfyui_path, workflow_json, python)
+    test = PACK_DIR / "tests" / "test_workflows.py"
+    pythonpath, link = _importable_pack()
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test}::test_workflow_runs[{workflow_json}]"]
+    env = dict(os.environ, COMFYUI_PATH=comfyui_path,
+               PYTHONPATH=os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH")) if p))
     try:
-        return subprocess.run(cmd, cwd=PACK_DIR, env=env, timeout=timeout).returncode
+        run = subprocess.run(cmd, cwd=PACK_DIR, env=env, timeout=timeout, capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         raise ValueError(f"the headless ComfyUI run of {workflow_json} did not finish in {timeout} s") from None
+    finally:
+        if link is not None:
+            link.cleanup()
+    if run.returncode != 0:
+        log = run.stdout + run.stderr
+        with tempfile.NamedTemporaryFile("w", prefix="lowbit-demo-comfyui-", suffix=".log", delete=False) as f:
+            f.write(log)
+        raise ValueError(f"the headless ComfyUI run of {workflow_json} with {python} failed: {_failure_line(log)} "
+                         f"(full log: {f.name})")
+    return 0
 
 
 def add_parser(sub) -> None:
@@ -167,7 +254,7 @@ def add_parser(sub) -> None:
                                    "SVDQuant W4A4 and ternary (with and without the low-rank branch), runs one forward "
                                    "through the kernels and prints size, output error and time per format.")
     p.add_argument("--tiny", action="store_true", help="an even smaller model (hidden 256, 1+2 blocks, 80 tokens): seconds")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=device, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=None,
                    help="timed forwards per format, median reported (default 5 on a GPU, 3 on CPU)")
@@ -177,25 +264,26 @@ def add_parser(sub) -> None:
                    help="also run a shipped workflow headless through the ComfyUI checkout at PATH, on tiny "
                         "stand-in models (needs the pack's tests/ folder, pytest and ComfyUI's requirements)")
     p.add_argument("--workflow", default=DEFAULT_WORKFLOW, help=f"workflow for --comfyui (default {DEFAULT_WORKFLOW})")
-    p.add_argument("--comfyui-python", default=None, help="Python with ComfyUI's requirements (default: this one)")
+    p.add_argument("--comfyui-python", default=None,
+                   help="Python with ComfyUI's requirements and pytest (default: PATH's venv, .venv or python_embeded, "
+                        "else this one)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     if args.runs is not None and args.runs < 1:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    if args.comfyui:  # before the table, which takes a while: a wrong path or Python fails now
+        args.comfyui, args.comfyui_python = check_headless(args.comfyui, args.workflow, args.comfyui_python)
     result = run_demo(tiny=args.tiny, device=args.device, seed=args.seed, runs=args.runs, log=log,
                       calibrate=args.calibrate)
     print(format_table(result), end="")
     if args.comfyui:
         log(f"running workflows/{args.workflow} headless through {args.comfyui} ...")
-        rc = run_workflow_headless(args.comfyui, args.workflow, python=args.comfyui_python)
-        print(f"ComfyUI headless run of {args.workflow}: {'ok' if rc == 0 else f'FAILED (exit code {rc})'}")
-        return 0 if rc == 0 else 1
+        run_workflow_headless(args.comfyui, args.workflow, python=args.comfyui_python)  # raises one line on failure
+        print(f"ComfyUI headless run of {args.workflow}: ok (the workflow ran on tiny stand-in models and saved its image)")
     return 0

@@ -3,7 +3,9 @@ import logging
 import os
 import sys
 
+from ..checkpoint import DEFAULT_RANK
 from ..quant_ops import QUANT_FORMATS
+from .args import device
 
 
 def add_parser(sub) -> None:
@@ -18,10 +20,11 @@ def add_parser(sub) -> None:
                         "ternary (1.58-bit weights + low-rank branch) or w4a16 (4-bit weights only); "
                         "modulation layers are always w4a16; T5 and CLIP-L are always w4a16")
     q.add_argument("--rank", type=int, default=None,
-                   help="low-rank branch rank (default: 32 for svdq_w4a4, 64 for ternary)")
+                   help=f"low-rank branch rank (default: {DEFAULT_RANK['svdq_w4a4']} for svdq_w4a4, "
+                        f"{DEFAULT_RANK['ternary']} for ternary)")
     q.add_argument("--calib", metavar="STATS", default=None,
                    help="calibration statistics file (from the LowBit calibration node); data-free without it")
-    q.add_argument("--device", default="cpu", help="device to quantize on: cpu or cuda (default cpu)")
+    q.add_argument("--device", type=device, default="cpu", help="device to quantize on: cpu or cuda (default cpu)")
     q.add_argument("--group-size", type=int, choices=(64, 128), default=64,
                    help="group size of the w4a16 layers (default 64)")
     q.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
@@ -35,12 +38,8 @@ def gb(n: int) -> str:
 def run_quantize(args) -> int:
     from tqdm import tqdm
 
-    from ..checkpoint import DEFAULT_RANK, quantize_file
+    from ..checkpoint import quantize_file
 
-    if args.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     rank = DEFAULT_RANK[args.format] if args.rank is None else args.rank
     if rank < 0:
         raise ValueError(f"--rank must be >= 0, got {rank}")
@@ -63,7 +62,8 @@ def run_quantize(args) -> int:
         raise
     if bar is not None:
         bar.close()
-    counts = ", ".join(f"{n} {f}" for f, n in sorted(s["layer_counts"].items()))
-    print(f"{s['dst']}: {s['model']} ({counts} layers); input {gb(s['input_bytes'])}, output "
+    # the same layers the progress bar counted: quantized ones and those kept in 16 bits
+    counts = ", ".join([f"{n} {f}" for f, n in sorted(s["layer_counts"].items())] + [f"{s['layers_16bit']} 16-bit"])
+    print(f"{s['dst']}: {s['model']}, {s['layers_total']} layers ({counts}); input {gb(s['input_bytes'])}, output "
           f"{gb(s['output_bytes'])}, {s['ratio']:.2f}x smaller; {s['seconds']:.1f} s")
     return 0

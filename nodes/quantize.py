@@ -8,6 +8,7 @@ import folder_paths
 FOLDERS = ("diffusion_models", "text_encoders")
 FORMATS = ("svdq_w4a4", "ternary")
 NO_CALIB = "none (data-free)"
+AUTO_RANK = -1  # the format's default rank, as `lowbit quantize` without --rank
 
 
 def _sources() -> list[str]:
@@ -44,8 +45,9 @@ class LowBitQuantizeModel:
             "format": (list(FORMATS), {"default": "svdq_w4a4",
                        "tooltip": "svdq_w4a4: 4-bit weights and activations with a 16-bit low-rank branch (SVDQuant). "
                                   "ternary: 1.58-bit weights with a low-rank branch."}),
-            "rank": ("INT", {"default": 32, "min": 0, "max": 512, "step": 8,
-                             "tooltip": "Rank of the 16-bit low-rank branch (32 for W4A4; 64-128 helps ternary)."}),
+            "rank": ("INT", {"default": AUTO_RANK, "min": AUTO_RANK, "max": 512, "step": 1,
+                             "tooltip": "Rank of the 16-bit low-rank branch; -1: the format's default, as the lowbit "
+                                        "command (32 for svdq_w4a4, 64 for ternary; 64-128 helps ternary); 0: none."}),
             "calibration": ([NO_CALIB] + _calibration_files(),
                             {"tooltip": "A calibration file from 'LowBit Save Calibration' (ComfyUI output folder), "
                                         "or none for data-free quantization."}),
@@ -71,13 +73,7 @@ class LowBitQuantizeModel:
         if folder not in FOLDERS:
             raise ValueError(f"model_name must start with one of {FOLDERS}, got {model_name!r}")
         src = folder_paths.get_full_path_or_raise(folder, name)
-        try:
-            info = checkpoint.read_info(src)
-        except checkpoint.NotALowbitCheckpoint:
-            info = None
-        if info is not None:
-            raise ValueError(f"{src} is already a lowbit {info.model!r} checkpoint; pick a 16-bit model to quantize")
-        dst = _output_path(src, output_name)
+        dst = _output_path(src, output_name)  # quantize_file checks the rest (input, folder, space) before layer 1
         calib = None
         if calibration != NO_CALIB:
             calib = os.path.join(folder_paths.get_output_directory(), calibration)
@@ -90,5 +86,6 @@ class LowBitQuantizeModel:
             comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: nothing is written
 
         device = comfy.model_management.get_torch_device()  # the SVDs run on the GPU when ComfyUI has one
+        rank = checkpoint.DEFAULT_RANK[format] if rank == AUTO_RANK else rank
         checkpoint.quantize_file(src, dst, fmt=format, rank=rank, calib=calib, progress=progress, device=device)
         return {"ui": {"text": [dst]}}

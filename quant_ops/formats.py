@@ -30,6 +30,7 @@ class _Packed:
     FORMAT = ""
     TENSORS = ()  # tensor field names, in state-dict order
     OPTIONAL = ()
+    CODES_PER_BYTE = 2  # packed `weight` is uint8 (N, K / CODES_PER_BYTE)
 
     def tensors(self) -> dict:
         return {k: getattr(self, k) for k in self.TENSORS if getattr(self, k) is not None}
@@ -208,6 +209,7 @@ class TernaryWeights(_Packed):
     FORMAT = "ternary"
     TENSORS = ("weight", "wscales", "proj_down", "proj_up", "bias")
     OPTIONAL = ("proj_down", "proj_up", "bias")
+    CODES_PER_BYTE = 4
 
     out_features = W4A4Weights.out_features
     rank = W4A4Weights.rank

@@ -188,6 +188,23 @@ class ComfyServer:
 
     def run(self, workflow: dict, timeout: float = 300) -> dict:
         """Queue an API-format workflow, wait for it, raise ComfyError on any node error; the history entry."""
+        entry = self._finished(workflow, timeout)
+        status = entry.get("status", {})
+        if status.get("status_str") != "success" or not status.get("completed", False):
+            msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+            raise ComfyError(f"prompt failed: {json.dumps(msgs)[:3000]}\n{self.log_tail(30)}")
+        return entry
+
+    def error_of(self, workflow: dict, timeout: float = 300) -> dict:
+        """Queue a workflow that must fail while executing; its execution_error message (node_type,
+        exception_type, exception_message, traceback, ...)."""
+        entry = self._finished(workflow, timeout)
+        errors = [m[1] for m in entry.get("status", {}).get("messages", []) if m[0] == "execution_error"]
+        if not errors:
+            raise ComfyError(f"the prompt did not fail: {json.dumps(entry.get('status'))[:1000]}")
+        return errors[0]
+
+    def _finished(self, workflow: dict, timeout: float) -> dict:
         resp = self.post("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
         if resp.get("node_errors"):
             raise ComfyError(f"node errors: {json.dumps(resp['node_errors'])[:2000]}")
@@ -198,14 +215,17 @@ class ComfyServer:
                 raise ComfyError(f"ComfyUI died ({self.proc.returncode}) while running:\n{self.log_tail()}")
             hist = self.get(f"/history/{pid}")
             if hist and pid in hist:
-                entry = hist[pid]
-                status = entry.get("status", {})
-                if status.get("status_str") != "success" or not status.get("completed", False):
-                    msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
-                    raise ComfyError(f"prompt failed: {json.dumps(msgs)[:3000]}\n{self.log_tail(30)}")
-                return entry
+                return hist[pid]
             time.sleep(0.25)
         raise ComfyError(f"prompt {pid} did not finish within {timeout}s:\n{self.log_tail()}")
+
+    def get_text(self, path: str, timeout: float = 10) -> tuple[int, str]:
+        """(HTTP status, body) of a GET, errors included."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, r.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
 
     def free(self, unload_models: bool = True):
         self.post("/free", {"unload_models": unload_models, "free_memory": True})

@@ -195,7 +195,8 @@ def test_t5_quantize_and_inspect_cli(tmp_path, capsys):
     src = write_tiny_t5(tmp_path / "t5.safetensors")
     dst = str(tmp_path / "t5-w4a16.safetensors")
     assert cli.main(["quantize", src, dst, "--format", "w4a16", "--group-size", "128"]) == 0
-    assert "t5 (14 w4a16 layers)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "t5, 21 layers (14 w4a16, 7 16-bit)" in out and "21/21" in err  # summary and bar count the same layers
     sd, info = checkpoint.load_checkpoint(dst)
     assert info.model == "t5"
     assert {k: info.config[k] for k in TINY_T5_CONFIG} == TINY_T5_CONFIG
@@ -234,8 +235,8 @@ def test_flux_cli_and_inspect(tmp_path, tiny, capsys):
     dst = str(tmp_path / "q.safetensors")
     assert cli.main(["quantize", tiny, dst, "--format", "w4a16"]) == 0
     out, err = capsys.readouterr()
-    assert "flux (26 w4a16 layers)" in out and "smaller" in out and "26/26" not in out  # bar counts all layers
-    assert "48/48" in err  # tqdm progress: every layer group (26 quantized + 22 kept in 16 bits)
+    assert "flux, 48 layers (26 w4a16, 22 16-bit)" in out and "smaller" in out
+    assert "48/48" in err  # tqdm progress: the same 48 layers (26 quantized + 22 kept in 16 bits)
     assert cli.main(["inspect", dst]) == 0
     out = capsys.readouterr().out
     assert "w4a16          26 layers" in out

@@ -1,5 +1,6 @@
 """`lowbit demo --tiny` on CPU: the table's rows and the ordering of the errors (no timing asserts)."""
 import math
+import os
 import re
 
 import pytest
@@ -61,3 +62,49 @@ def test_comfyui_hook_errors(tmp_path, capsys):
     (tmp_path / "main.py").write_text("")
     with pytest.raises(FileNotFoundError, match="no such shipped workflow"):
         demo.run_workflow_headless(tmp_path, "nope.json")
+
+
+def _fake_python(path, missing=""):
+    """An executable that answers the module check like a Python lacking `missing` (comma-separated)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho '{missing}'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fake interpreters are shell scripts")
+@pytest.mark.parametrize("where", ["venv/bin/python", ".venv/bin/python", "../python_embeded/python.exe"])
+def test_comfyui_python_is_found_in_the_install(tmp_path, where):
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    python = _fake_python(comfy / where)
+    assert os.path.samefile(demo.find_comfyui_python(str(comfy)), python)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fake interpreters are shell scripts")
+def test_comfyui_python_errors_say_what_to_pass(tmp_path, capsys, monkeypatch):
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    (comfy / "main.py").write_text("")
+    python = _fake_python(comfy / "venv" / "bin" / "python", missing="pytest")
+    with pytest.raises(ValueError, match=r"lacks pytest.*-m pip install pytest"):
+        demo.find_comfyui_python(str(comfy))
+    _fake_python(comfy / "venv" / "bin" / "python", missing="aiohttp,yaml")
+    with pytest.raises(ValueError, match=r"lacks aiohttp, yaml.*--comfyui-python"):
+        demo.find_comfyui_python(str(comfy))
+    os.remove(python)  # no venv: this Python, which has no ComfyUI requirements here unless it runs ComfyUI
+    monkeypatch.setattr(demo, "NEEDED_MODULES", ("no_such_module_for_lowbit",))
+    with pytest.raises(ValueError, match=r"this Python: no venv, .venv or python_embeded.*--comfyui-python"):
+        demo.find_comfyui_python(str(comfy))
+    # through the command: one line, before the (slow) table
+    rc = cli.main(["demo", "--tiny", "--comfyui", str(comfy)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "--comfyui-python" in err, err
+    rc = cli.main(["demo", "--tiny", "--comfyui", str(comfy), "--comfyui-python", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "no such program" in err, err
+
+
+def test_failure_line_picks_the_error():
+    log = "....\nE   ModuleNotFoundError: No module named 'x'\n\nFAILED tests/t.py::t - Module...\n1 failed\n"
+    assert demo._failure_line(log) == "ModuleNotFoundError: No module named 'x'"

@@ -345,6 +345,35 @@ def test_inconsistent_files_are_named(tiny):
         nunchaku.convert_state_dict(tiny["sd"], meta)
 
 
+@pytest.mark.parametrize("case, expected", [
+    ("nan-scales", ["double_blocks.0.img_attn.qkv.wscales", "NaN"]),
+    ("inf-norm", ["double_blocks.1.img_attn.norm.query_norm.scale", "infinite"]),
+    ("missing-16bit", ["img_in.bias", "missing"]),
+    ("misshaped-16bit", ["final_layer.linear.weight", "shape (64, 128)"]),
+])
+def test_cli_convert_validates_like_a_lowbit_file(tmp_path, tiny, capsys, case, expected):
+    """The converted tensors go through the lowbit validation (validate.py) before anything is written."""
+    sd = dict(tiny["sd"])
+    if case == "nan-scales":
+        sd["transformer_blocks.0.qkv_proj.wscales"] = sd["transformer_blocks.0.qkv_proj.wscales"].clone()
+        sd["transformer_blocks.0.qkv_proj.wscales"][0, 0] = float("nan")
+    elif case == "inf-norm":
+        sd["transformer_blocks.1.norm_q.weight"] = sd["transformer_blocks.1.norm_q.weight"].clone()
+        sd["transformer_blocks.1.norm_q.weight"][3] = float("inf")
+    elif case == "missing-16bit":
+        del sd["x_embedder.bias"]
+    else:
+        sd["proj_out.weight"] = sd["proj_out.weight"][:, :128].contiguous()
+    path = _write(tmp_path, f"{case}.safetensors", sd, nl.metadata())
+    out = str(tmp_path / "out.safetensors")
+    assert cli.main(["convert-nunchaku", path, out]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{case}.safetensors" in err, err
+    for e in expected:
+        assert e in err, (e, err)
+    assert not os.path.exists(out)
+
+
 def test_mixed_signedness_on_the_triton_backend(tiny):
     """linear2's split quantization runs through whichever kernels are dispatched (Triton interpreted on CPU)."""
     from comfyui_lowbit import kernels
