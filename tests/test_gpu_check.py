@@ -2,13 +2,14 @@
 import csv
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_check_dry_run(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "BUDGET")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "BUDGET")} | {"PYTHON": sys.executable}
     p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--dry-run", str(tmp_path)], env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
