@@ -4,6 +4,7 @@ Weight decoders live in triton_decode.py.
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -21,6 +22,14 @@ def configs(full, interpreted):
         return triton.Config(c, num_warps=warps, num_stages=stages, pre_hook=hook)
 
     return [one(interpreted)] if INTERPRET else [one(c) for c in full]
+
+
+def candidates(cfgs, m: int):
+    """Configs (dicts or triton.Config) worth running for m tokens: token blocks no taller than m needs,
+    tallest first."""
+    need = max(16, triton.next_power_of_2(m))
+    get = lambda c: c["BLOCK_M"] if isinstance(c, dict) else c.kwargs["BLOCK_M"]
+    return sorted([c for c in cfgs if get(c) <= need], key=lambda c: -get(c)) or cfgs[-1:]
 
 
 def m_bucket(m: int) -> int:
@@ -95,3 +104,49 @@ def store_tile(out_ptr, acc, offs_m, offs_n, M, N, ATOMIC: tl.constexpr):
         tl.atomic_add(ptrs, acc, mask=mask)
     else:
         tl.store(ptrs, cast(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R,
+                   HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """lowrank_bias for a transposed tile acc (BLOCK_N, BLOCK_M): + proj_up @ lr^T + bias[:, None]."""
+    if HAS_LR:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            a = tl.load(up_ptr + offs_n[:, None] * R + offs_r[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+            b = tl.load(lr_ptr + offs_m[None, :] * R + offs_r[:, None],
+                        mask=(offs_m[None, :] < M) & (offs_r[:, None] < R), other=0.0)
+            acc = dot16(a, b, acc)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def store_tile_t(out_ptr, acc, offs_m, offs_n, M, N):
+    """Store a transposed tile acc (BLOCK_N, BLOCK_M) into the (M, N) output."""
+    tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], cast(acc, out_ptr.dtype.element_ty),
+             mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
+def rank_block(proj_down, what):
+    """BLOCK_R for a down projection of rank r (a power of two >= 16)."""
+    if proj_down is None:
+        return 16
+    r = proj_down.shape[1]
+    if r > MAX_RANK:
+        raise ValueError(f"{what}: proj_down rank {r} exceeds {MAX_RANK}")
+    return max(16, triton.next_power_of_2(r))
+
+
+_SMS = {}
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of `device` (4 under the interpreter, so tests exercise the split paths)."""
+    if INTERPRET or device.type != "cuda":
+        return 4
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
