@@ -20,13 +20,23 @@ How it fits ComfyUI's patcher:
 Not routed (skipped with one warning line): DoRA, LoCon mid, LoHa / LoKr / full diffs and hook
 (scheduled) LoRAs on quantized layers; they still apply to 16-bit layers. LoRA keys that match no
 layer are ComfyUI's to report (one line per key; LowBitLoraStack reports them in one line).
-ModelPatcherDynamic (ComfyUI's default on NVIDIA) is handled by the same load / unpatch hooks but has
-only been exercised on CPU (where ComfyUI falls back to ModelPatcher): verify on a GPU.
+
+ModelPatcherDynamic (DynamicVRAM, ComfyUI's default on NVIDIA with comfy-aimdo) streams the weights
+of castable layers through its VBAR on demand, but backs up every *buffer* and casts it to the device
+in each `load` (and puts the host copies back in `restore_loaded_backups`). Quantized layers therefore:
+- stay out of its castable-layer list (`_load_list`): no VBAR allocation, no LowVramPatch on a packed
+  weight, no comfy_cast_weights; their tensors are resident on the GPU while the model is loaded (so
+  under DynamicVRAM they are never offloaded: the quantized model must fit; legacy ModelPatcher's
+  low-VRAM mode does offload them, see nodes/ops.py);
+- keep their device copies across reloads (`restore_loaded_backups` inside our `load`): without this
+  every prompt and every LoRA change re-uploaded all packed weights from the host copies. Outside a
+  load (ComfyUI freeing VRAM) the host copies go back as usual, branches first restored.
 """
 import logging
 
 import comfy.model_patcher
 import comfy.weight_adapter
+import torch
 
 from ..quant_ops import LoraFactor, LowBitLinear, apply_lora, check_factor, originals, remove_lora
 
@@ -139,9 +149,40 @@ class LowBitPatcherMixin:
         # Originals back first, so that whatever ComfyUI backs up during load (ModelPatcherDynamic backs up
         # and casts every buffer) is the original branch; the LoRAs go in after, from the patches as they are now.
         self.lowbit_restore()
-        out = super().load(*args, **kwargs)
+        self._lowbit_loading = True
+        try:
+            out = super().load(*args, **kwargs)
+        finally:
+            self._lowbit_loading = False
         self.lowbit_apply_patches()
         return out
+
+    def _load_list(self, for_dynamic=False, default_device=None):
+        loading = super()._load_list(for_dynamic=for_dynamic, default_device=default_device)
+        if not for_dynamic:  # legacy ModelPatcher: quantized layers take part in low-VRAM partial loading
+            return loading
+        return [x for x in loading if not isinstance(x[-2], LowBitLinear)]  # (..., module_mem, name, module, params)
+
+    def restore_loaded_backups(self):
+        # ModelPatcherDynamic only. Called first thing in its load (to re-cast every buffer from the host copy)
+        # and when ComfyUI frees VRAM. In a load, quantized layers keep their device tensors (the casts of those
+        # host copies: lowbit_restore has just put the original branches back), so nothing is re-uploaded.
+        self.lowbit_restore()
+        if not getattr(self, "_lowbit_loading", False):
+            return super().restore_loaded_backups()
+        keep = {}
+        device = torch.device(self.load_device)
+        for path, m in lowbit_layers(self.model).items():
+            for name, t in m.named_buffers(recurse=False):
+                key = f"{path}.{name}"
+                host = self.backup_buffers.get(key)
+                if (host is not None and t is not host and t.device == device and t.shape == host.shape
+                        and t.dtype == host.dtype):
+                    keep[key] = self.backup_buffers.pop(key)
+        try:
+            return super().restore_loaded_backups()
+        finally:
+            self.backup_buffers.update(keep)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         # Before ComfyUI's own restore, which may move the model (device_to) or put back buffers it backed up.
