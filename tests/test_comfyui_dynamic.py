@@ -200,3 +200,42 @@ def test_low_vram_sampling_matches_full_load(comfy, dynamic, lowbit_file, dynami
             assert torch.equal(low, full[s]), f"strength {s}: low-VRAM latent differs from the full load"
     if not dynamic_vram:
         mm.unload_all_models()
+
+
+def test_modelpatcher_lora_change_leaves_quantized_layers_in_place(comfy, lowbit_file):
+    """Legacy ModelPatcher (--disable-dynamic-vram, AMD, Intel): a LoRA added, re-weighted or removed makes
+    ComfyUI unpatch the model to its offload device and load it again. Quantized layers are left out of that
+    move (only their branch changes), so their packed tensors are not copied to the host and back; a real
+    unload still moves them."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    mp = _load(lowbit_file, False)
+    q = _lowbit(mp)
+    packed = {id(t) for m in q.values() for t in (m.weight, m.wscales)}
+    lora = _block_lora(mp, seed=7)
+    base = _sample(comfy, mp)
+    moved, unpatching = [], []
+    real_apply, real_unpatch = torch.nn.Module._apply, comfy.model_patcher.ModelPatcher.unpatch_model
+
+    def apply(module, fn, recurse=True):  # Module.to / .cuda / .cpu go through _apply (a no-op copy on a CPU)
+        if unpatching:
+            moved.extend(id(t) for t in module._buffers.values() if t is not None and id(t) in packed)
+        return real_apply(module, fn, recurse)
+
+    def unpatch(self, device_to=None, unpatch_weights=True):  # where ComfyUI moves the model to the offload device
+        unpatching.append(device_to)
+        try:
+            return real_unpatch(self, device_to, unpatch_weights)
+        finally:
+            unpatching.pop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Module, "_apply", apply)
+        patch.setattr(comfy.model_patcher.ModelPatcher, "unpatch_model", unpatch)
+        outs = [_sample(comfy, _with_lora(comfy, mp, lora, s)) for s in (1.0, 0.4)]
+        again = _sample(comfy, mp)
+        assert not moved, f"{len(moved)} packed tensors were moved to the offload device by a LoRA change"
+        mm.unload_all_models()
+        assert moved, "a real unload no longer moves the quantized layers to the offload device"
+    assert torch.equal(again, base) and not torch.equal(outs[0], outs[1])
