@@ -14,19 +14,32 @@ How it fits ComfyUI's patcher:
   inside load) first puts the original branches back, then sets each quantized layer's branch to
   original + its LoRAs. A new strength or a removed LoRA recomposes only the small branch from the
   kept originals; packed weights are never reloaded, copied or cast.
+- Legacy ModelPatcher: a LoRA change makes ComfyUI unpatch the whole model to the offload device and load
+  it again; quantized layers are kept out of that move (`unpatch_model` inside `partially_load`), so
+  their packed tensors are not copied to the host and back. A real unload still moves them.
 - `patch_weight_to_device` (ComfyUI calls it for forced patching, small-module force loads and
   lazy saving) never casts or merges a quantized layer's tensors; `unpatch_model` puts back the exact
   original branch / bias tensors. Clones (also `clone(disable_dynamic=True)`) keep the behaviour.
 Not routed (skipped with one warning line): DoRA, LoCon mid, LoHa / LoKr / full diffs and hook
 (scheduled) LoRAs on quantized layers; they still apply to 16-bit layers. LoRA keys that match no
 layer are ComfyUI's to report (one line per key; LowBitLoraStack reports them in one line).
-ModelPatcherDynamic (ComfyUI's default on NVIDIA) is handled by the same load / unpatch hooks but has
-only been exercised on CPU (where ComfyUI falls back to ModelPatcher): verify on a GPU.
+
+ModelPatcherDynamic (DynamicVRAM, ComfyUI's default on NVIDIA with comfy-aimdo) streams the weights
+of castable layers through its VBAR on demand, but backs up every *buffer* and casts it to the device
+in each `load` (and puts the host copies back in `restore_loaded_backups`). Quantized layers therefore:
+- stay out of its castable-layer list (`_load_list`): no VBAR allocation, no LowVramPatch on a packed
+  weight, no comfy_cast_weights; their tensors are resident on the GPU while the model is loaded (so
+  under DynamicVRAM they are never offloaded: the quantized model must fit; legacy ModelPatcher's
+  low-VRAM mode does offload them, see nodes/ops.py);
+- keep their device copies across reloads (`restore_loaded_backups` inside our `load`): without this
+  every prompt and every LoRA change re-uploaded all packed weights from the host copies. Outside a
+  load (ComfyUI freeing VRAM) the host copies go back as usual, branches first restored.
 """
 import logging
 
 import comfy.model_patcher
 import comfy.weight_adapter
+import torch
 
 from ..quant_ops import LoraFactor, LowBitLinear, apply_lora, check_factor, originals, remove_lora
 
@@ -139,15 +152,85 @@ class LowBitPatcherMixin:
         # Originals back first, so that whatever ComfyUI backs up during load (ModelPatcherDynamic backs up
         # and casts every buffer) is the original branch; the LoRAs go in after, from the patches as they are now.
         self.lowbit_restore()
-        out = super().load(*args, **kwargs)
+        self._lowbit_loading = True
+        try:
+            out = super().load(*args, **kwargs)
+        finally:
+            self._lowbit_loading = False
+        if not self.is_dynamic():
+            self._offload_left_resident()
         self.lowbit_apply_patches()
         return out
+
+    def _offload_left_resident(self):
+        """Legacy low-VRAM load: a quantized layer kept on the device by a LoRA change (unpatch_model) but now
+        chosen for offloading (not loaded completely) goes to the offload device, as ComfyUI assumes."""
+        device = torch.device(self.load_device)
+        if device == torch.device(self.offload_device):
+            return
+        for m in lowbit_layers(self.model).values():
+            if not getattr(m, "comfy_patched_weights", False) and m.weight.device == device:
+                m.to(self.offload_device)
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        self._lowbit_in_partially_load = True  # tells unpatch_model that a new set of patches is being loaded
+        try:
+            return super().partially_load(device_to, extra_memory=extra_memory, force_patch_weights=force_patch_weights)
+        finally:
+            self._lowbit_in_partially_load = False
+
+    def _load_list(self, for_dynamic=False, default_device=None):
+        loading = super()._load_list(for_dynamic=for_dynamic, default_device=default_device)
+        if not for_dynamic:  # legacy ModelPatcher: quantized layers take part in low-VRAM partial loading
+            return loading
+        return [x for x in loading if not isinstance(x[-2], LowBitLinear)]  # (..., module_mem, name, module, params)
+
+    def restore_loaded_backups(self):
+        # ModelPatcherDynamic only. Called first thing in its load (to re-cast every buffer from the host copy)
+        # and when ComfyUI frees VRAM. In a load, quantized layers keep their device tensors (the casts of those
+        # host copies: lowbit_restore has just put the original branches back), so nothing is re-uploaded.
+        self.lowbit_restore()
+        if not getattr(self, "_lowbit_loading", False):
+            return super().restore_loaded_backups()
+        keep = {}
+        device = torch.device(self.load_device)
+        for path, m in lowbit_layers(self.model).items():
+            for name, t in m.named_buffers(recurse=False):
+                key = f"{path}.{name}"
+                host = self.backup_buffers.get(key)
+                if (host is not None and t is not host and t.device == device and t.shape == host.shape
+                        and t.dtype == host.dtype):
+                    keep[key] = self.backup_buffers.pop(key)
+        try:
+            return super().restore_loaded_backups()
+        finally:
+            self.backup_buffers.update(keep)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         # Before ComfyUI's own restore, which may move the model (device_to) or put back buffers it backed up.
         if unpatch_weights:
             self.lowbit_restore()
-        return super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+        stay = self._stay_resident() if unpatch_weights and device_to is not None else {}
+        try:
+            return super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+        finally:
+            for m, buffers in stay.items():
+                m._buffers.update(buffers)
+
+    def _stay_resident(self) -> dict:
+        """Legacy ModelPatcher, patches changed (a LoRA added, re-weighted or removed): partially_load unpatches
+        the model to the offload device and loads it again. Quantized layers on the device are hidden from
+        that move (their LoRAs only recompose the branch), so their packed tensors are not copied to the host
+        and back. {module: its buffers} to put back after the move; empty for any other unpatch."""
+        if (self.is_dynamic() or not getattr(self, "_lowbit_in_partially_load", False)
+                or self.model.current_weight_patches_uuid in (None, self.patches_uuid)):
+            return {}
+        device, stay = torch.device(self.load_device), {}
+        for m in lowbit_layers(self.model).values():
+            if m.weight.device == device:
+                stay[m] = dict(m._buffers)
+                m._buffers.update({k: None for k in stay[m]})  # Module._apply skips None buffers
+        return stay
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
         hit = _split_key(key, self.model)

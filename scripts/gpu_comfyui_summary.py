@@ -1,0 +1,112 @@
+"""summary.md from the results.jsonl of gpu_comfyui_full.py: environment, files, ComfyUI timings and VRAM,
+LoRA timings, latent comparisons, `lowbit quantize`, errors, and what was approximated.
+
+    python3 scripts/gpu_comfyui_summary.py OUT/results.jsonl OUT/summary.md
+"""
+import json
+import sys
+
+
+def _f(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _table(head, rows):
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return out
+
+
+APPROXIMATED = [
+    "Weights are seeded random (flux_model.random_flux), not FLUX.1-dev's: speed, memory and LoRA timings are "
+    "those of the real shapes, latents are meaningless (they are only compared with each other).",
+    "The W4A4 / ternary files ComfyUI loads are built with reuse per shape: the first layer of each shape is "
+    "quantized for real, later layers hold copies (same sizes, same kernels). Full-model quantization time is "
+    "the per-shape times summed over all layers (an estimate) unless the `lowbit quantize` row finished.",
+    "No text encoders or VAE: conditioning is seeded random at T5-XXL / CLIP-L widths (512 tokens); the timings "
+    "are the diffusion model's (KSampler-equivalent comfy.sample.sample, euler, cfg 1, FLUX guidance 3.5).",
+    "Low-VRAM: ComfyUI's reserved VRAM (the value --reserve-vram sets) is set in-process once the model size "
+    "and ComfyUI's memory estimate are known, so that about half the model fits.",
+]
+
+
+def write_summary(results_path, out_path):
+    rows = [json.loads(line) for line in open(results_path) if line.strip()]
+    md = ["# comfyui-lowbit: full-size FLUX in ComfyUI (scripts/gpu_comfyui_full.py)", ""]
+    env = next((r for r in rows if r.get("phase") == "env"), {})
+    md += [f"GPU: {env.get('gpu')} ({_f(env.get('gpu_mem_gb'), 1)} GiB); torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+           f"triton {env.get('triton')}, Python {env.get('python')}, ComfyUI {env.get('comfyui')}; "
+           f"{'reduced model (dry run)' if env.get('small') else 'FLUX.1-dev shapes'}; budget {env.get('budget_s')} s.", ""]
+    builds = [r for r in rows if r.get("phase") == "build"]
+    if builds:
+        md += ["## Files", ""]
+        md += _table(["file", "GB", "build s", "save s", "host RSS peak GB", "est. full quantize s"],
+                     [[r.get("what"), (r.get("bytes") or 0) / 1e9, r.get("build_s"), r.get("save_s"),
+                       r.get("host_rss_peak_gb"), r.get("est_full_quantize_s")] for r in builds])
+        for r in builds:
+            if r.get("per_shape_s"):
+                md += ["", f"{r['what']} per-shape quantize s (GPU) / host prep s: " + ", ".join(
+                    f"{k} {v} / {r['per_shape_host_s'].get(k)}" for k, v in r["per_shape_s"].items())]
+        md.append("")
+    setups = {r["config"]: r for r in rows if r.get("event") == "setup"}
+    samples = {(r["config"], r["model"]): r for r in rows if r.get("event") == "sample"}
+    loads = {(r["config"], r["model"]): r for r in rows if r.get("event") == "load"}
+    warm = {(r["config"], r["model"]): r for r in rows if r.get("event") == "warmup"}
+    if loads:
+        md += ["## ComfyUI: load, sampling, VRAM", ""]
+        md += [f"- {c}: DynamicVRAM {s.get('dynamic_vram')}, args `{s.get('comfy_args')}`, import {_f(s.get('import_s'))} s"
+               for c, s in setups.items()] + [""]
+        table = []
+        for key, ld in loads.items():
+            s, w = samples.get(key, {}), warm.get(key, {})
+            table.append([key[0], key[1], ld.get("patcher"), ld.get("model_size_gb"), ld.get("file_s"), ld.get("to_device_s"),
+                          w.get("first_step_s"), s.get("step_s"), s.get("transformer_vram_gb"), s.get("torch_peak_gb"),
+                          s.get("lowvram", ld.get("lowvram")), ld.get("reserve_vram_gb")])
+        md += _table(["config", "model", "patcher", "model GB", "file s", "to GPU s", "1st step s", "s/step",
+                      "peak VRAM GB (device)", "torch peak GB", "partial", "reserved GB"], table) + [""]
+    loras = [r for r in rows if r.get("event") == "lora"]
+    if loras:
+        md += ["## LoRA (rank %s, all block linears)" % loras[0].get("rank"), ""]
+        md += _table(["config", "model", "map s", "apply s", "s/step with LoRA", "strength s", "remove s",
+                      "removal bit-identical", "packed weights unmoved", "LoRA effect"],
+                     [[r["config"], r["model"], r["apply"]["map_s"], r["apply"]["load_s"], r["apply"]["step_s"],
+                       r["strength"]["map_s"] + r["strength"]["load_s"], r.get("remove_load_s"), r.get("removal_bit_identical"),
+                       r.get("packed_weights_unmoved"), r.get("lora_effect_rel")] for r in loras])
+        md += ["", "apply / strength: ComfyUI's key mapping (map) plus the load that composes the branches; "
+                   "LoRA effect: relative change of the latent."] + [""]
+    comps = [r for r in rows if r.get("phase") == "compare"]
+    if comps:
+        md += ["## Latents across configurations", ""]
+        md += _table(["a", "b", "model", "latent", "identical", "max abs diff", "rel L2"],
+                     [[r["a"], r["b"], r["model"], r["kind"], r["identical"], r["max_abs"], r["rel_l2"]] for r in comps]) + [""]
+    cli = [r for r in rows if r.get("phase") == "cli_quantize"]
+    if cli:
+        md += ["## `lowbit quantize` of the BF16 file", ""]
+        md += _table(["format", "finished", "seconds", "layers done", "projected total s", "host RSS peak GB", "output GB"],
+                     [[r["format"], r.get("finished"), r.get("seconds"), f"{r.get('done', '-')}/{r.get('total', '-')}",
+                       r.get("projected_total_s"), r.get("host_rss_peak_gb"), (r.get("output_bytes") or 0) / 1e9 or None]
+                      for r in cli]) + [""]
+    errors = [r for r in rows if r.get("event") == "error" or r.get("ok") is False or r.get("killed_at_timeout")
+              or r.get("skipped")]
+    if errors:
+        md += ["## Errors, timeouts, skips", ""]
+        md += [f"- {r.get('config', r.get('phase'))} {r.get('model', r.get('what', r.get('format', '')))}: "
+               f"{r.get('error') or r.get('skipped') or ('killed at its time limit' if r.get('killed_at_timeout') else r.get('tail', ''))}"[:600]
+               for r in errors] + [""]
+    notes = list(APPROXIMATED)
+    if any(s.get("dynamic_vram") == "forced on cpu" for s in setups.values()):
+        notes.append("CPU dry run: ModelPatcherDynamic forced on a CPU has no VBAR, so ComfyUI applies no LoRA to "
+                     "its 16-bit layers there (bf16 LoRA effect 0, bf16 LoRA latents differ from static); on a GPU it does.")
+    md += ["## Approximated", ""] + [f"- {x}" for x in notes] + [""]
+    with open(out_path, "w") as f:
+        f.write("\n".join(md))
+
+
+if __name__ == "__main__":
+    write_summary(sys.argv[1], sys.argv[2])

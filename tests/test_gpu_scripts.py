@@ -1,0 +1,82 @@
+"""The GPU run's helpers that need no GPU: the trimmed ComfyUI copy it carries imports what an in-process run
+needs and fits the device tool's 64 MiB, and the summary renders real result rows. The whole script is dry-run
+by hand on a CPU (a few minutes; see scripts/gpu_comfyui_full.py):
+    python scripts/gpu_comfyui_full.py --out /tmp/dry --small --device cpu --comfyui $COMFYUI_PATH --quant-options '{"iters": 1}'
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+COMFY = os.environ.get("COMFYUI_PATH")
+CARRY_LIMIT = 64 * 2 ** 20
+KITCHEN_WHEEL = 40 * 2 ** 20  # comfy-kitchen 0.2.24 cp312 wheel (CUDA backend included): 39.8 MB
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not COMFY, reason="COMFYUI_PATH is not set (point it at a ComfyUI 0.29.0 checkout)")
+def test_trimmed_comfyui_copy_imports_and_fits_the_carry(tmp_path):
+    import gpu_carry
+
+    size = gpu_carry.copy_source(Path(COMFY), tmp_path / "ComfyUI")
+    assert size + KITCHEN_WHEEL + 2 * 2 ** 20 < CARRY_LIMIT, f"ComfyUI copy {size / 2 ** 20:.1f} MiB leaves no room"
+    assert not [p for p in (tmp_path / "ComfyUI").rglob("*") if "tokenizer" in str(p) and p.suffix not in ("", ".py")]
+    versions = gpu_carry.pinned_versions(Path(COMFY))
+    assert set(versions) == set(gpu_carry.WHEELS) and all(versions.values())
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import comfy.options, comfy.cli_args; "
+            "comfy.cli_args.args.cpu = True; import comfy.sd, comfy.sample, comfy.model_patcher, comfy.lora, folder_paths; "
+            "import comfy.ldm.flux.model; print(comfy.model_patcher.ModelPatcherDynamic.__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ComfyUI")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ModelPatcherDynamic" in out.stdout
+
+
+def test_summary_renders_result_rows(tmp_path):
+    from gpu_comfyui_summary import write_summary
+
+    rows = [
+        {"phase": "env", "gpu": "NVIDIA H100 80GB HBM3", "gpu_mem_gb": 79.2, "torch": "2.11.0+cu130", "cuda": "13.0",
+         "triton": "3.6.0", "python": "3.12.3", "comfyui": "0.29.0", "small": False, "budget_s": 480},
+        {"phase": "build", "ok": True, "what": "svdq_w4a4", "bytes": 6.65e9, "build_s": 31.0, "save_s": 4.0,
+         "host_rss_peak_gb": 9.1, "est_full_quantize_s": 140.0, "per_shape_s": {"svdq_w4a4 9216x3072": 0.4},
+         "per_shape_host_s": {"svdq_w4a4 9216x3072": 0.05}},
+        {"config": "dynamic", "event": "setup", "dynamic_vram": True, "comfy_args": "", "import_s": 7.0},
+        {"config": "dynamic", "model": "w4a4", "event": "load", "patcher": "LowBitModelPatcherDynamic",
+         "model_size_gb": 6.2, "file_s": 3.1, "to_device_s": 0.9, "lowvram": False},
+        {"config": "dynamic", "model": "w4a4", "event": "warmup", "first_step_s": 95.0},
+        {"config": "dynamic", "model": "w4a4", "event": "sample", "step_s": 0.61, "transformer_vram_gb": 7.4,
+         "torch_peak_gb": 7.9, "lowvram": False},
+        {"config": "dynamic", "model": "w4a4", "event": "lora", "rank": 32, "remove_load_s": 0.05,
+         "apply": {"map_s": 1.2, "load_s": 0.3, "step_s": 0.7}, "strength": {"map_s": 1.1, "load_s": 0.2},
+         "removal_bit_identical": True, "packed_weights_unmoved": True, "lora_effect_rel": 0.2},
+        {"phase": "compare", "a": "static", "b": "dynamic", "model": "w4a4", "kind": "base", "identical": True,
+         "max_abs": 0.0, "rel_l2": 0.0},
+        {"phase": "cli_quantize", "format": "svdq_w4a4", "finished": False, "seconds": 45.0, "done": 60, "total": 437,
+         "projected_total_s": 327.75, "host_rss_peak_gb": 8.2},
+        {"config": "static", "model": "bf16", "event": "error", "error": "OutOfMemoryError: CUDA out of memory"},
+    ]
+    res = tmp_path / "results.jsonl"
+    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_summary(res, tmp_path / "summary.md")
+    md = (tmp_path / "summary.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "| svdq_w4a4 | 6.65 | 31.00 |" in md
+    assert "| dynamic | w4a4 | LowBitModelPatcherDynamic | 6.20 | 3.10 | 0.90 | 95.00 | 0.61 | 7.40 |" in md
+    assert "| dynamic | w4a4 | 1.20 | 0.30 | 0.70 | 1.30 | 0.05 | yes | yes | 0.20 |" in md
+    assert "| svdq_w4a4 | NO | 45.00 | 60/437 | 327.75 | 8.20 |" in md
+    assert "OutOfMemoryError" in md and "## Approximated" in md
+
+
+def test_quantize_progress_is_read_from_the_log(tmp_path):
+    from gpu_comfyui_full import progress_from_log
+
+    log = tmp_path / "log.txt"
+    log.write_text("=== build\n3/9 [00:01<00:02]\n=== lowbit quantize svdq_w4a4: ...\nLOWBIT_PEAK_RSS_GB=1.500\n"
+                   "x.safetensors:   5%|5         | 21/437 [00:10<03:20,  2.1layer/s]\rx.safetensors:  "
+                   "10%|#         | 44/437 [00:20<03:00]\nLOWBIT_PEAK_RSS_GB=2.250\n")
+    assert progress_from_log(log) == {"done": 44, "total": 437, "host_rss_peak_gb": 2.25}
