@@ -10,8 +10,8 @@ import triton.language as tl
 from .reference import ACT_SHIFT, FLT_MIN, RCP
 from .triton_common import MAX_RANK, cast, configs, dot16, m_bucket
 
-_ACT_CONFIGS = configs([{"BLOCK_M": bm, "num_warps": w, "num_stages": 2} for bm in (16, 32, 64) for w in (4, 8)],
-                       {"BLOCK_M": 16, "num_warps": 4})
+CONFIGS = [{"BLOCK_M": bm, "num_warps": w, "num_stages": 2} for bm in (16, 32, 64) for w in (4, 8)]
+_ACT_CONFIGS = configs(CONFIGS, {"BLOCK_M": 16, "num_warps": 4})
 ACT_SHIFT_C = tl.constexpr(ACT_SHIFT)
 FLT_MIN_C = tl.constexpr(FLT_MIN)
 RCP7, RCP15, RCP127 = tl.constexpr(RCP[7]), tl.constexpr(RCP[15]), tl.constexpr(RCP[127])

@@ -6,11 +6,12 @@ import triton.language as tl
 
 from .triton_common import check_rank, configs, lowrank_bias, m_bucket, store_tile, swizzle
 from .triton_decode import TERNARY_ZEROS, load_packed, unpack_ternary
-from .triton_w4a4 import _FULL, _prune
+from .triton_w4a4 import CONFIGS as _W4A4_CONFIGS, _prune
+
+CONFIGS = [{**c, "BLOCK_K": bk} for c in _W4A4_CONFIGS for bk in (64, 128)]
 
 
-@triton.autotune(configs([{**c, "BLOCK_K": bk} for c in _FULL for bk in (64, 128)],
-                         {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
+@triton.autotune(configs(CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
                  key=["M_KEY", "N", "K", "R"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _ternary_int8_kernel(qx_ptr, xs_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY, W_ROW,

@@ -11,7 +11,7 @@ import triton.language as tl
 from .triton_common import check_rank, configs, lowrank_bias, m_bucket, store_tile, swizzle
 from .triton_decode import load_packed, unpack_int4
 
-_FULL = [{"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+CONFIGS = [{"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": w, "num_stages": s}
          for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
                               (64, 256, 8, 3), (64, 64, 4, 4), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 5))]
 
@@ -23,7 +23,7 @@ def _prune(cfgs, named_args, **kwargs):
     return keep or cfgs[:1]
 
 
-@triton.autotune(configs(_FULL, {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 4}), key=["M_KEY", "N", "K", "R"],
+@triton.autotune(configs(CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 4}), key=["M_KEY", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY, W_ROW,

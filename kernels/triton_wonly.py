@@ -19,11 +19,11 @@ def _zero_out(nargs):
     nargs["out_ptr"].zero_()
 
 
-_SMALL = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "GROUP_M": 1, "num_warps": 4,
+SMALL_CONFIGS = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "GROUP_M": 1, "num_warps": 4,
            "num_stages": 4, "pre_hook": _zero_out}
           for bm, bns, sks in ((16, (32, 64, 128), (1, 2, 4, 8)), (32, (64, 128), (1, 2, 4)), (64, (64, 128), (1, 2, 4)))
           for bn in bns for sk in sks]
-_LARGE = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+LARGE_CONFIGS = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": w, "num_stages": s}
           for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3))]
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
@@ -73,9 +73,9 @@ def _prune(cfgs, named_args, **kwargs):
 
 
 _KEY = ["M_KEY", "N", "K", "R", "TERNARY", "HAS_Z", "GS"]
-_small = triton.autotune(configs(_SMALL, {**_INTERP, "SPLIT_K": 2, "pre_hook": _zero_out}), key=_KEY,
+_small = triton.autotune(configs(SMALL_CONFIGS, {**_INTERP, "SPLIT_K": 2, "pre_hook": _zero_out}), key=_KEY,
                          prune_configs_by={"early_config_prune": _prune})(_wonly_kernel)
-_large = triton.autotune(configs(_LARGE, {**_INTERP, "SPLIT_K": 1}), key=_KEY,
+_large = triton.autotune(configs(LARGE_CONFIGS, {**_INTERP, "SPLIT_K": 1}), key=_KEY,
                          prune_configs_by={"early_config_prune": _prune})(_wonly_kernel)
 
 
