@@ -13,11 +13,11 @@ Conventions shared with the Triton kernels:
   out += lr @ proj_up^T in float32, then + bias, then cast to the output dtype.
 - FP8 activations (e4m3, torch.float8_e4m3fn): per token over all of K, after smoothing, no shift;
   scale = absmax * RCP[448], codes = e4m3(clamp(xs * (1 / scale), -448, 448)) rounded to nearest even
-  (the clamp keeps a product just above 448 from becoming NaN). An unsigned (post-GELU) svdq_w4a4 layer
-  is quantized the same way, unshifted: e4m3 is signed, so its caller adds the shift's share that the
-  checkpoint folded out of the bias back in (quant_ops SVDQW4A4Linear.float_bias). Every int4 and ternary weight value is
-  exact in e4m3 and every product of two e4m3 values is exact in float32, so the FP8 GEMMs are float32 dots
-  of the dequantized codes: only the float32 summation order is left to the backend.
+  (the clamp keeps a product just above 448 from becoming NaN). An unsigned (post-GELU) svdq_w4a4
+  layer is quantized the same way, unshifted (e4m3 is signed); its caller adds back the shift's share
+  that the checkpoint folded out of the bias (quant_ops SVDQW4A4Linear.float_bias). Int4 and ternary
+  weight values are exact in e4m3 and products of two e4m3 values are exact in float32, so the FP8
+  GEMMs are float32 dots of the codes: only the float32 summation order is left to the backend.
 """
 import torch
 
