@@ -8,7 +8,8 @@ import importlib
 from dataclasses import dataclass, field
 
 BF, U8, I8, F32, I32 = "*bf16", "*u8", "*i8", "*fp32", "i32"
-ARCHES = ("sm90", "sm80", "gfx942")
+ARCHES = ("sm90", "sm89", "sm80", "gfx942")
+FP8_ARCHES = ("sm90", "sm89")  # FP8 tensor cores: the fp8 kernels compile there only
 
 # property -> (description, predicate over ir_check.analyze's counts)
 PROPERTIES = {
@@ -19,7 +20,11 @@ PROPERTIES = {
     "wgmma": ("the main loop's dot is a wgmma", lambda r: r["loop_wgmma"] > 0),
     "no_int_to_float": ("no cvt int -> float in the main loop", lambda r: r["loop_cvt_int_to_float"] == 0),
     "no_spills": ("no spilled registers (ptxas local memory / stack 0)", lambda r: r["spill_bytes"] == 0),
+    "fp8_tc": ("the main loop's tensor-core op multiplies e4m3 by e4m3", lambda r: r["loop_fp8_tc"] > 0),
+    "async_copies": ("the main loop copies its operands with cp.async/TMA", lambda r: r["loop_cp_async"] + r["loop_tma"] > 0
+                     and r["loop_async_copies"] >= 2 and r["loop_sync_2d_loads"] == 0),
 }
+FP8_CHECKS = ("fp8_tc", "async_copies", "no_byte_loads", "no_spills")
 GEMM_CHECKS = ("no_byte_loads", "async_operands", "wgmma", "no_spills")
 
 
@@ -64,7 +69,32 @@ def _family(label, module, attr, types, variants, cfgs, checks=GEMM_CHECKS, xfai
     return out
 
 
+def fp8_cases(arch: str) -> list:
+    """The FP8 kernels (triton_fp8.py), every shipped config, on sm_90 (wgmma) and sm_89 (mma.sync)."""
+    fp8 = _mod("triton_fp8")
+    gemm = dict(x_ptr="*fp8e4nv", xs_ptr=F32, w_ptr="*i32", ws_ptr=BF, out_ptr=BF, lr_ptr=BF, up_ptr=BF, bias_ptr=BF,
+                M=I32, N=I32, K=I32, R=I32, M_KEY=I32, W_ROW=I32)
+    flags = dict(HAS_LR=True, HAS_BIAS=True, BLOCK_K=64, BLOCK_R=32)
+    checks = FP8_CHECKS + (("wgmma",) if arch == "sm90" else ())
+    ada_spill = lambda v, c: ({"no_spills": "sm_89: mma.sync keeps both token halves' operands in registers; the "
+                                            "tuner measures it and the per-GPU table leaves it out"}
+                              if arch == "sm89" and c["SPLIT_M"] == 2 else {})
+    out = _family("fp8_int4", "triton_fp8", "_fp8_gemm_kernel", gemm,
+                  {"subnormal": dict(TERNARY=False, SUBNORMAL=True, **flags)}, fp8.INT4_CONFIGS, checks, xfail=ada_spill)
+    out += _family("fp8_int4", "triton_fp8", "_fp8_gemm_kernel", gemm,
+                   {"float16": dict(TERNARY=False, SUBNORMAL=False, **flags)}, fp8.INT4_CONFIGS[1:2], checks)
+    out += _family("fp8_ternary", "triton_fp8", "_fp8_gemm_kernel", gemm,
+                   {"lr+bias": dict(TERNARY=True, SUBNORMAL=True, **flags)}, fp8.TERNARY_CONFIGS, checks)
+    out += _family("act_fp8", "triton_fp8", "_act_fp8_kernel",
+                   dict(x_ptr=BF, smooth_ptr=BF, down_ptr=BF, q_ptr="*fp8e4nv", s_ptr=F32, lr_ptr=BF, M=I32, K=I32, R=I32,
+                        M_KEY=I32), {"lr": dict(HAS_SMOOTH=True, HAS_LR=True, BLOCK_R=32)}, fp8.ACT_CONFIGS,
+                   ("no_spills",))
+    return out
+
+
 def cases(arch: str) -> list:
+    if arch == "sm89":
+        return fp8_cases(arch)
     first = arch != "sm90"  # other architectures: compile one config per variant
     sizes = dict(M=I32, N=I32, K=I32, R=I32, M_KEY=I32, W_ROW=I32)
     lowrank = dict(lr_ptr=BF, up_ptr=BF, bias_ptr=BF)
@@ -98,4 +128,6 @@ def cases(arch: str) -> list:
     out += _family("wonly_large", "triton_wonly", "_wonly_kernel", wonly_types,
                    {k: dict(v, ATOMIC=False) for k, v in variants.items()}, wonly.LARGE_CONFIGS, only_first=first,
                    xfail=small_rows)
+    if arch in FP8_ARCHES:
+        out += fp8_cases(arch)
     return out

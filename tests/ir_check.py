@@ -100,6 +100,7 @@ def analyze(compiled, arch: str) -> dict:
     info.update({
         "loop_tc": len(re.findall(TC_OP, loop)),
         "loop_wgmma": len(re.findall(r"wgmma\.mma_async", loop)),
+        "loop_fp8_tc": len(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*\.e4m3\.e4m3", loop)),
         "loop_wait_group": [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", loop)],
         "loop_ld_global_b8": len(re.findall(BYTE_LOAD, loop)),
         "loop_cvt_int_to_float": len(re.findall(INT_TO_FLOAT, loop)),

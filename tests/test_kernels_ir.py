@@ -1,6 +1,7 @@
 """The IR check: every shipped config of every Triton kernel compiled for sm_90 with the JIT's runtime
 specialization (tests/ir_check.py, one subprocess per architecture without TRITON_INTERPRET) must meet the
-properties ir_cases.py lists for it (known gaps are strict xfails with their reason); sm_80 and gfx942 compile."""
+properties ir_cases.py lists for it (known gaps are strict xfails with their reason); the FP8 kernels also on
+sm_89 (Ada: FP8 mma.sync); sm_80 and gfx942 compile."""
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ def results(arch: str) -> dict:
 
 
 SM90 = ir_cases.cases("sm90")
+SM89 = ir_cases.cases("sm89")
 
 
 @pytest.mark.parametrize("name", [c.name for c in SM90])
@@ -37,15 +39,18 @@ def test_sm90_compiles(name):
     assert "error" not in r, r.get("error")
 
 
-@pytest.mark.parametrize("name,prop", [
-    pytest.param(c.name, p, id=f"{c.name}-{p}",
-                 marks=[pytest.mark.xfail(reason=c.xfail[p], strict=True)] if p in c.xfail else [])
-    for c in SM90 for p in c.checks])
-def test_sm90_property(name, prop):
-    r = results("sm90")[name]
+def _params(arch, cases):
+    return [pytest.param(arch, c.name, p, id=f"{c.name}-{p}",
+                         marks=[pytest.mark.xfail(reason=c.xfail[p], strict=True)] if p in c.xfail else [])
+            for c in cases for p in c.checks]
+
+
+@pytest.mark.parametrize("arch,name,prop", _params("sm90", SM90) + _params("sm89", SM89))
+def test_property(arch, name, prop):
+    r = results(arch)[name]
     assert "error" not in r, r.get("error")
     what, holds = ir_cases.PROPERTIES[prop]
-    assert holds(r), f"{name}: expected {what}; got {r}"
+    assert holds(r), f"{arch} {name}: expected {what}; got {r}"
 
 
 @pytest.mark.parametrize("arch", ["sm80", "gfx942"])
