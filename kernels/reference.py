@@ -50,15 +50,32 @@ def lora_down(x: torch.Tensor, proj_down: torch.Tensor | None) -> torch.Tensor |
     return (x.to(proj_down.dtype).float() @ proj_down.float()).to(proj_down.dtype)
 
 
+def unsigned_from(unsigned, k: int, group_size: int) -> int:
+    """First channel of the unsigned variant: False -> K (none), True -> 0, or a group-aligned channel index."""
+    u = k if unsigned is False else 0 if unsigned is True else int(unsigned)
+    if not 0 <= u <= k or u % group_size:
+        raise ValueError(f"quantize_act_int4: unsigned={unsigned!r} must be a bool or a channel index in [0, {k}] "
+                         f"that is a multiple of group_size {group_size}")
+    return u
+
+
 def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
-    """x (M, K) -> (q int8 (M, K) in int4 range, scales float32 (M, K/group), lr (M, r) or None)."""
+    """x (M, K) -> (q int8 (M, K) in int4 range, scales float32 (M, K/group), lr (M, r) or None).
+    unsigned: False, True, or a channel index u: channels [u, K) take the unsigned variant, [0, u) the signed."""
+    m, k = x.shape
+    u = unsigned_from(unsigned, k, group_size)
     xs = x.float()
-    if unsigned:
-        xs = xs + ACT_SHIFT
-    if smooth is not None:
-        xs = xs * reciprocal(smooth)
-    q, scale = _quantize_groups(xs, group_size, 0 if unsigned else -8, 15 if unsigned else 7)
-    return q, scale, lora_down(x, proj_down)
+    rsmooth = None if smooth is None else reciprocal(smooth)
+    qs, scales = [], []
+    for lo, hi, uns in ((0, u, False), (u, k, True)):
+        if hi > lo:
+            part = xs[:, lo:hi] + ACT_SHIFT if uns else xs[:, lo:hi]
+            if rsmooth is not None:
+                part = part * rsmooth[lo:hi]
+            q, scale = _quantize_groups(part, group_size, 0 if uns else -8, 15 if uns else 7)
+            qs.append(q)
+            scales.append(scale)
+    return torch.cat(qs, 1), torch.cat(scales, 1), lora_down(x, proj_down)
 
 
 def quantize_act_int8(x, proj_down=None):

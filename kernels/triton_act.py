@@ -1,129 +1,98 @@
-"""Activation kernels: per-token int4 (groups) / int8 quantization fused with the low-rank down projection.
+"""SVDQuant activation kernel: per-token int4 quantization in groups fused with the low-rank down projection.
 
-One pass reads x once: for each group it quantizes and feeds the same tile to `x @ proj_down`.
-Rounding and reciprocals are pinned as in reference.py so codes and scales equal it bit for bit.
+Grid (token blocks x K splits): each program reads its (BLOCK_M, group) tiles once, with 16-byte loads, writes
+codes and scales and feeds the same tile to `x @ proj_down`. Where there are few token blocks K is split
+across programs; their float32 partials of the down projection are summed in split order by the last one
+(triton_splitk.py). Codes stay int8, one per byte: the W4A4 GEMM keeps its only register operand for the
+decoded weight and takes these straight from shared memory. Scales are stored (groups, M): the GEMM reads
+one contiguous row per group. Rounding is pinned as in reference.py (triton_rounding.py).
 """
+import weakref
+
 import torch
 import triton
 import triton.language as tl
 
-from .reference import ACT_SHIFT, FLT_MIN, RCP
-from .triton_common import MAX_RANK, cast, configs, dot16, m_bucket
+from .reference import unsigned_from
+from .triton_common import cast, configs, dot16, m_bucket, rank_block, sm_count
+from .triton_rounding import ACT_SHIFT_C, RCP7, RCP15, group_rscale, round_to_int8
+from .triton_splitk import arrived_last, load_partial, reset_arrivals, tile_counters
 
-CONFIGS = [{"BLOCK_M": bm, "num_warps": w, "num_stages": 2} for bm in (16, 32, 64) for w in (4, 8)]
-_ACT_CONFIGS = configs(CONFIGS, {"BLOCK_M": 16, "num_warps": 4})
-ACT_SHIFT_C = tl.constexpr(ACT_SHIFT)
-FLT_MIN_C = tl.constexpr(FLT_MIN)
-RCP7, RCP15, RCP127 = tl.constexpr(RCP[7]), tl.constexpr(RCP[15]), tl.constexpr(RCP[127])
-RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + M - M rounds |v| < 2^22 to an integer, ties to even
+CONFIGS = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 32, "num_warps": 4, "num_stages": 3},
+           {"BLOCK_M": 16, "num_warps": 2, "num_stages": 4}]
+MIN_GROUPS_PER_SPLIT = 4
 
 
+def _prune(cfgs, named_args, **kwargs):
+    need = max(16, triton.next_power_of_2(named_args["M"]))
+    return [c for c in cfgs if c.kwargs["BLOCK_M"] <= need] or cfgs[-1:]
+
+
+@triton.autotune(configs(CONFIGS, {"BLOCK_M": 16, "num_warps": 4}), key=["M_KEY", "K", "R", "NSPLIT"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def reciprocal(v):
-    """float32 1 / v, IEEE-rounded (one division per channel or group, never per element)."""
-    return tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), v)
-
-
-@triton.jit
-def round_codes(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """clamp then round half to even, as reference._quantize_groups; the clamp also keeps the compiler
-    from fusing the caller's multiply into the add (an FMA would skip the product's rounding)."""
-    v = tl.minimum(tl.maximum(v, QMIN), QMAX)
-    return (v + RNE_MAGIC) - RNE_MAGIC
-
-
-@triton.jit
-def group_rscale(amax, RCP_Q: tl.constexpr):
-    """(scale, 1 / scale or 0) of per-row absmax values."""
-    scale = amax * RCP_Q
-    ok = scale >= FLT_MIN_C
-    return scale, tl.where(ok, reciprocal(tl.where(ok, scale, 1.0)), 0.0)
-
-
-@triton.jit
-def _quantize(xs, QMIN: tl.constexpr, QMAX: tl.constexpr, RCP_Q: tl.constexpr):
-    """Row-wise absmax quantization of a float32 tile -> (float32 codes, float32 scales)."""
-    scale, rscale = group_rscale(tl.max(tl.abs(xs), axis=1), RCP_Q)
-    return round_codes(xs * rscale[:, None], QMIN, QMAX), scale
-
-
-@triton.autotune(_ACT_CONFIGS, key=["M_KEY", "K", "R"])
-@triton.jit
-def _act_int4_kernel(x_ptr, smooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, M, K, R, M_KEY,
-                     HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, UNSIGNED: tl.constexpr,
+def _act_int4_kernel(x_ptr, rsmooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, part_ptr, cnt_ptr, M, K, R, M_KEY, U_FROM,
+                     NSPLIT, HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, UNSIGNED: tl.constexpr,
                      GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_g = tl.arange(0, GS)
+    """UNSIGNED: 0 none, 1 all groups, 2 the groups from channel U_FROM on."""
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     row_ok = offs_m < M
     G = K // GS
+    per = tl.cdiv(G, NSPLIT)
     lacc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for g in range(0, G):
-        offs_k = g * GS + offs_g
+    for g in range(pid_s * per, tl.minimum(pid_s * per + per, G)):
+        offs_k = g * GS + tl.arange(0, GS)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        uns = (UNSIGNED == 1) | ((UNSIGNED == 2) & (g * GS >= U_FROM))  # shifted input, codes 0..15
         xs = x.to(tl.float32)
-        if UNSIGNED:
-            xs = xs + ACT_SHIFT_C
+        if UNSIGNED != 0:
+            xs = xs + tl.where(uns, ACT_SHIFT_C, 0.0)
         if HAS_SMOOTH:
-            sm = tl.load(smooth_ptr + offs_k).to(tl.float32)
-            xs = xs * reciprocal(sm)[None, :]
-        if UNSIGNED:
-            q, scale = _quantize(xs, 0.0, 15.0, RCP15)
-        else:
-            q, scale = _quantize(xs, -8.0, 7.0, RCP7)
-        tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(tl.int8), mask=row_ok[:, None])
-        tl.store(s_ptr + offs_m * G + g, scale, mask=row_ok)
+            xs = xs * tl.load(rsmooth_ptr + offs_k)[None, :]
+        scale, rscale = group_rscale(tl.max(tl.abs(xs), axis=1), tl.where(uns, RCP15, RCP7))
+        q = round_to_int8(xs * rscale[:, None], tl.where(uns, 0.0, -8.0))
+        tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=row_ok[:, None])
+        tl.store(s_ptr + g * M + offs_m, scale, mask=row_ok)
         if HAS_LR:
             d = tl.load(down_ptr + offs_k[:, None] * R + offs_r[None, :], mask=offs_r[None, :] < R, other=0.0)
-            lacc = dot16(cast(x.to(tl.float32), d.dtype), d, lacc)
+            lacc = dot16(x if x.dtype == d.dtype else cast(x.to(tl.float32), d.dtype), d, lacc)
     if HAS_LR:
-        tl.store(lr_ptr + offs_m[:, None] * R + offs_r[None, :], cast(lacc, lr_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_r[None, :] < R))
+        lr_ptrs = offs_m[:, None] * R + offs_r[None, :]
+        lr_mask = row_ok[:, None] & (offs_r[None, :] < R)
+        if NSPLIT == 1:
+            tl.store(lr_ptr + lr_ptrs, cast(lacc, lr_ptr.dtype.element_ty), mask=lr_mask)
+        else:
+            tl.store(part_ptr + pid_s * M * R + lr_ptrs, lacc, mask=lr_mask)
+            if arrived_last(cnt_ptr, pid_m, NSPLIT):
+                total = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+                for s in range(0, NSPLIT):
+                    total += load_partial(part_ptr + s * M * R + lr_ptrs, lr_mask)
+                tl.store(lr_ptr + lr_ptrs, cast(total, lr_ptr.dtype.element_ty), mask=lr_mask)
+                reset_arrivals(cnt_ptr, pid_m)
 
 
-@triton.autotune(_ACT_CONFIGS, key=["M_KEY", "K", "R", "QUANT"])
-@triton.jit
-def _act_int8_kernel(x_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, M, K, R, M_KEY,
-                     QUANT: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per-token int8 over all of K (two passes: absmax + down projection, then codes); QUANT=False
-    computes only the down projection (lora_down)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    row_ok = offs_m < M
-    amax = tl.zeros((BLOCK_M,), tl.float32)
-    lacc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0)
-        if QUANT:
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        if HAS_LR:
-            d = tl.load(down_ptr + offs_k[:, None] * R + offs_r[None, :],
-                        mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)
-            lacc = dot16(cast(x.to(tl.float32), d.dtype), d, lacc)
-    if HAS_LR:
-        tl.store(lr_ptr + offs_m[:, None] * R + offs_r[None, :], cast(lacc, lr_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_r[None, :] < R))
-    if QUANT:
-        scale, rscale = group_rscale(amax, RCP127)
-        tl.store(s_ptr + offs_m, scale, mask=row_ok)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            ptrs = offs_m[:, None] * K + offs_k[None, :]
-            mask = row_ok[:, None] & (offs_k[None, :] < K)
-            xs = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-            q = round_codes(xs * rscale[:, None], -127.0, 127.0)
-            tl.store(q_ptr + ptrs, q.to(tl.int8), mask=mask)
+_RSMOOTH = {}
 
 
-def _rank_block(proj_down, what):
-    if proj_down is None:
-        return 16
-    r = proj_down.shape[1]
-    if r > MAX_RANK:
-        raise ValueError(f"{what}: proj_down rank {r} exceeds {MAX_RANK}")
-    return max(16, triton.next_power_of_2(r))
+def reciprocal_smooth(smooth):
+    """reference.reciprocal(smooth), computed once per smooth tensor (a layer's buffer) and cached while it
+    lives and is not modified in place."""
+    key = id(smooth)
+    hit = _RSMOOTH.get(key)
+    if hit is not None and hit[0]() is smooth and hit[1] == smooth._version:
+        return hit[2]
+    rs = torch.reciprocal(smooth.float()).contiguous()
+    _RSMOOTH[key] = (weakref.ref(smooth, lambda _, key=key: _RSMOOTH.pop(key, None)), smooth._version, rs)
+    return rs
+
+
+def k_splits(m: int, groups: int, device) -> int:
+    """Programs per token block along K: enough for ~4 per SM counting 32-token blocks, each >= 4 groups."""
+    want = triton.cdiv(4 * sm_count(device), triton.cdiv(m, 32))
+    n = max(1, min(want, groups // MIN_GROUPS_PER_SPLIT))
+    return triton.cdiv(groups, triton.cdiv(groups, n))  # no empty split
 
 
 def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
@@ -131,46 +100,24 @@ def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
     m, k = x.shape
     if k % group_size or group_size < 16 or group_size & (group_size - 1):
         raise ValueError(f"quantize_act_int4: K = {k} must be a multiple of group_size {group_size} (a power of two >= 16)")
+    u = unsigned_from(unsigned, k, group_size)
+    groups = k // group_size
     x = x.contiguous()
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    s = torch.empty(m, k // group_size, dtype=torch.float32, device=x.device)
+    s = torch.empty(groups, m, dtype=torch.float32, device=x.device).t()  # (M, G) view, stored (G, M)
     r = 0 if proj_down is None else proj_down.shape[1]
     lr = None if proj_down is None else torch.empty(m, r, dtype=proj_down.dtype, device=x.device)
-    down = None if proj_down is None else proj_down.contiguous()
     if m == 0:
         return q, s, lr
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-    _act_int4_kernel[grid](x, x if smooth is None else smooth.contiguous(), x if down is None else down, q, s,
-                           q if lr is None else lr, m, k, r, m_bucket(m), HAS_SMOOTH=smooth is not None,
-                           HAS_LR=down is not None, UNSIGNED=bool(unsigned), GS=group_size,
-                           BLOCK_R=_rank_block(proj_down, "quantize_act_int4"))
+    nsplit = k_splits(m, groups, x.device)
+    part = cnt = x
+    if lr is not None and nsplit > 1:
+        part = torch.empty(nsplit, m, r, dtype=torch.float32, device=x.device)
+        cnt = tile_counters(x.device, triton.cdiv(m, 16))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), nsplit)
+    _act_int4_kernel[grid](x, x if smooth is None else reciprocal_smooth(smooth), x if lr is None else proj_down.contiguous(),
+                           q, s, q if lr is None else lr, part, cnt, m, k, r, m_bucket(m), u, nsplit,
+                           HAS_SMOOTH=smooth is not None, HAS_LR=lr is not None, UNSIGNED=0 if u == k else 1 if u == 0 else 2,
+                           GS=group_size,
+                           BLOCK_R=rank_block(proj_down, "quantize_act_int4"))
     return q, s, lr
-
-
-def _act_int8(x, proj_down, quant):
-    m, k = x.shape
-    x = x.contiguous()
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device) if quant else None
-    s = torch.empty(m, dtype=torch.float32, device=x.device) if quant else None
-    r = 0 if proj_down is None else proj_down.shape[1]
-    lr = None if proj_down is None else torch.empty(m, r, dtype=proj_down.dtype, device=x.device)
-    down = None if proj_down is None else proj_down.contiguous()
-    if m == 0:
-        return q, s, lr
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-    _act_int8_kernel[grid](x, x if down is None else down, x if q is None else q, x if s is None else s,
-                           x if lr is None else lr, m, k, r, m_bucket(m), QUANT=quant, HAS_LR=down is not None,
-                           BLOCK_K=64, BLOCK_R=_rank_block(proj_down, "quantize_act_int8"))
-    return q, s, lr
-
-
-def quantize_act_int8(x, proj_down=None):
-    """See reference.quantize_act_int8."""
-    return _act_int8(x, proj_down, True)
-
-
-def lora_down(x, proj_down):
-    """See reference.lora_down."""
-    if proj_down is None:
-        return None
-    return _act_int8(x, proj_down, False)[2]

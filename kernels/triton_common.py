@@ -4,6 +4,7 @@ Weight decoders live in triton_decode.py.
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -95,3 +96,25 @@ def store_tile(out_ptr, acc, offs_m, offs_n, M, N, ATOMIC: tl.constexpr):
         tl.atomic_add(ptrs, acc, mask=mask)
     else:
         tl.store(ptrs, cast(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+def rank_block(proj_down, what):
+    """BLOCK_R for a down projection of rank r (a power of two >= 16)."""
+    if proj_down is None:
+        return 16
+    r = proj_down.shape[1]
+    if r > MAX_RANK:
+        raise ValueError(f"{what}: proj_down rank {r} exceeds {MAX_RANK}")
+    return max(16, triton.next_power_of_2(r))
+
+
+_SMS = {}
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of `device` (4 under the interpreter, so tests exercise the split paths)."""
+    if INTERPRET or device.type != "cuda":
+        return 4
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]

@@ -119,13 +119,10 @@ class SVDQW4A4Linear(LowBitLinear):
         return self.fp8_bias
 
     def _quantize(self, x2):
+        # act_unsigned_from u > 0: signed channels [0, u), unsigned shifted channels [u, K), one kernel call
         u = self._options.get("act_unsigned_from", 0)
-        if not u:
-            return kernels.quantize_act_int4(x2, self.smooth, self.proj_down, unsigned=self._options["act_unsigned"])
-        # signed channels [0, u), unsigned shifted channels [u, K): groups never straddle u
-        qa, sa, _ = kernels.quantize_act_int4(x2[:, :u].contiguous(), self.smooth[:u])
-        qb, sb, _ = kernels.quantize_act_int4(x2[:, u:].contiguous(), self.smooth[u:], unsigned=True)
-        return torch.cat([qa, qb], dim=1), torch.cat([sa, sb], dim=1), kernels.lora_down(x2, self.proj_down)
+        unsigned = u if u else bool(self._options["act_unsigned"])
+        return kernels.quantize_act_int4(x2, self.smooth, self.proj_down, unsigned=unsigned)
 
     def _residual(self) -> torch.Tensor:
         return dequant_int4(self.weight, self.wscales, dtype=torch.float32) / self.smooth.float()

@@ -23,9 +23,14 @@ PROPERTIES = {
     "fp8_tc": ("the main loop's tensor-core op multiplies e4m3 by e4m3", lambda r: r["loop_fp8_tc"] > 0),
     "async_copies": ("the main loop copies its operands with cp.async/TMA", lambda r: r["loop_cp_async"] + r["loop_tma"] > 0
                      and r["loop_async_copies"] >= 2 and r["loop_sync_2d_loads"] == 0),
+    "vector_loads": ("16-byte loads or copies of the input in the main loop, no scalar ones",
+                     lambda r: r["loop_16B_loads"] > 0 and r["loop_ld_global_b16"] == 0),
+    "no_div_per_element": ("divisions per group or channel only: at most one per 4 input elements converted",
+                           lambda r: r["loop_div"] * 4 <= r["loop_cvt_bf16_to_f32"]),
 }
 FP8_CHECKS = ("fp8_tc", "async_copies", "no_byte_loads", "no_spills")
 GEMM_CHECKS = ("no_byte_loads", "async_operands", "wgmma", "no_spills")
+ACT_CHECKS = ("vector_loads", "no_div_per_element", "no_spills")
 
 
 @dataclass(frozen=True)
@@ -98,17 +103,19 @@ def cases(arch: str) -> list:
     first = arch != "sm90"  # other architectures: compile one config per variant
     sizes = dict(M=I32, N=I32, K=I32, R=I32, M_KEY=I32, W_ROW=I32)
     lowrank = dict(lr_ptr=BF, up_ptr=BF, bias_ptr=BF)
-    act, w4a4, ternary, wonly = _mod("triton_act"), _mod("triton_w4a4"), _mod("triton_ternary"), _mod("triton_wonly")
-    act_types = dict(x_ptr=BF, smooth_ptr=BF, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=BF, M=I32, K=I32, R=I32, M_KEY=I32)
+    act, act8, w4a4 = _mod("triton_act"), _mod("triton_act8"), _mod("triton_w4a4")
+    ternary, wonly = _mod("triton_ternary"), _mod("triton_wonly")
+    act_types = dict(x_ptr=BF, rsmooth_ptr=F32, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=BF, M=I32, K=I32, R=I32, M_KEY=I32)
     wonly_types = dict(x_ptr=BF, w_ptr=U8, ws_ptr=BF, wz_ptr=BF, out_ptr=BF, **lowrank, **sizes)
     small_rows = lambda v, c: {"wgmma": "tiles under 64 token rows take mma.sync (issue 16)"} if c["BLOCK_M"] < 64 else {}
     out = []
-    out += _family("act_int4", "triton_act", "_act_int4_kernel", act_types,
-                   {"lr": dict(HAS_SMOOTH=True, HAS_LR=True, UNSIGNED=True, GS=64, BLOCK_R=32)},
-                   act.CONFIGS, ("no_spills",), only_first=first)
-    out += _family("act_int8", "triton_act", "_act_int8_kernel",
-                   {k: v for k, v in act_types.items() if k != "smooth_ptr"},
-                   {"lr": dict(QUANT=True, HAS_LR=True, BLOCK_K=64, BLOCK_R=32)}, act.CONFIGS, ("no_spills",),
+    out += _family("act_int4", "triton_act", "_act_int4_kernel",
+                   dict(act_types, part_ptr=F32, cnt_ptr="*i32", U_FROM=I32, NSPLIT=I32),
+                   {"lr mixed": dict(HAS_SMOOTH=True, HAS_LR=True, UNSIGNED=2, GS=64, BLOCK_R=32)}, act.CONFIGS, ACT_CHECKS,
+                   only_first=first)
+    out += _family("act_int8", "triton_act8", "_act_int8_kernel",
+                   {k: v for k, v in act_types.items() if k != "rsmooth_ptr"},
+                   {"lr": dict(QUANT=True, HAS_LR=True, BLOCK_K=64, BLOCK_R=32)}, act8.CONFIGS, ("no_spills",),
                    only_first=first)
     out += _family("w4a4", "triton_w4a4", "_w4a4_kernel",
                    dict(qx_ptr=I8, as_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, **lowrank, **sizes),

@@ -105,6 +105,10 @@ def analyze(compiled, arch: str) -> dict:
         "loop_ld_global_b8": len(re.findall(BYTE_LOAD, loop)),
         "loop_cvt_int_to_float": len(re.findall(INT_TO_FLOAT, loop)),
         "loop_cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", loop)),
+        "loop_16B_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.[bfu]32|cp\.async\.c[ag]\.shared[^\n]*, 0x10[,;]", loop)),
+        "loop_ld_global_b16": len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", loop)),
+        "loop_div": len(re.findall(r"\bdiv\.(?:rn|full|approx)\S*\.f32", loop)),
+        "loop_cvt_bf16_to_f32": len(re.findall(r"cvt\.f32\.bf16", loop)),
         "loop_tma": len(re.findall(r"cp\.async\.bulk\.tensor", loop)),
         # operands of the main dot loaded asynchronously: copies into shared memory, no 2-D synchronous loads
         "loop_async_copies": len(re.findall(r"async_copy_global_to_local|async_tma_copy_global_to_local", tloop)),

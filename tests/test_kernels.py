@@ -52,8 +52,11 @@ def ternary_weight(n, k, g):
     return pack_ternary(torch.randint(-1, 2, (n, k), generator=g)).to(DEV)
 
 
-# (M, K, rank, unsigned): M = 1, M not a multiple of the row block, K = 192 (3 groups), ranks 16 and 48
-ACT_CASES = [(1, 192, 16, False), (33, 128, 48, True), (17, 64, 0, False)]
+# (M, K, rank, unsigned): M = 1, M not a multiple of the row block, K = 192 (3 groups), ranks 16 and 48;
+# K = 1024 splits K over 4 programs (partials of the down projection summed by the last), 512 over 2;
+# unsigned 256: channels [256, K) take the unsigned variant
+ACT_CASES = [(1, 192, 16, False), (33, 128, 48, True), (17, 64, 0, False), (1, 1024, 32, 256), (40, 512, 16, True),
+             (3, 1024, 0, 768)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -64,6 +67,9 @@ def test_quantize_act_int4(dtype, m, k, rank, unsigned):
     x[0, 64:128 if k > 64 else 64] = 0  # an all-zero group: scale 0, codes 0
     smooth = None if rank == 0 else (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV)
     down = rand(k, rank, dtype=dtype, g=g, scale=0.1) if rank else None
+    if k >= 512:
+        from comfyui_lowbit.kernels.triton_act import k_splits
+        assert k_splits(m, k // 64, torch.device(DEV)) == k // 256
     q, s, lr = triton_ops.quantize_act_int4(x, smooth, down, unsigned=unsigned)
     eq, es, elr = ref.quantize_act_int4(x, smooth, down, unsigned=unsigned)
     assert torch.equal(q, eq) and torch.equal(s, es)
@@ -241,10 +247,31 @@ def test_dispatch_forced_triton_runs_a_layer(monkeypatch, fmt, options, op):
     assert calls == [1]
 
 
-def test_interpreter_autotunes_one_config():
-    from comfyui_lowbit.kernels import triton_act, triton_ternary, triton_w4a4, triton_wonly
+@pytest.mark.skipif(not INTERPRET, reason="forcing Triton on CPU tensors needs the interpreter")
+def test_mixed_signedness_layer_quantizes_in_one_call(monkeypatch):
+    from comfyui_lowbit.quant_ops import SVDQW4A4Linear, W4A4Weights
 
-    tuners = [triton_act._act_int4_kernel, triton_act._act_int8_kernel, triton_w4a4._w4a4_kernel,
+    g, bf = gen(15), torch.bfloat16
+    q = torch.randint(-8, 8, (48, 256), generator=g)
+    ws, smooth = (torch.rand(4, 48, generator=g) * 0.02).to(bf), (torch.rand(256, generator=g) + 0.5).to(bf)
+    down, up = rand(256, 16, dtype=bf, g=g, scale=0.1), rand(48, 16, dtype=bf, g=g, scale=0.1)
+    layer = SVDQW4A4Linear(W4A4Weights.pack(q, ws, smooth, down, up, None, act_unsigned=True, act_unsigned_from=128))
+    x = torch.cat([rand(5, 128, dtype=bf, g=g), rand(5, 128, dtype=bf, g=g).abs()], 1)
+    monkeypatch.setattr(dispatch, "_forced", None)
+    monkeypatch.setenv("LOWBIT_BACKEND", "reference")
+    expected = layer(x)
+    monkeypatch.setenv("LOWBIT_BACKEND", "triton")
+    calls = []
+    orig = triton_ops.quantize_act_int4
+    monkeypatch.setattr(triton_ops, "quantize_act_int4", lambda *a, **kw: calls.append(kw["unsigned"]) or orig(*a, **kw))
+    close(layer(x), expected)
+    assert calls == [128]
+
+
+def test_interpreter_autotunes_one_config():
+    from comfyui_lowbit.kernels import triton_act, triton_act8, triton_ternary, triton_w4a4, triton_wonly
+
+    tuners = [triton_act._act_int4_kernel, triton_act8._act_int8_kernel, triton_w4a4._w4a4_kernel,
               triton_ternary._ternary_int8_kernel, triton_wonly._small, triton_wonly._large]
     assert all(len(t.configs) == (1 if INTERPRET else len(t.configs)) for t in tuners)
     assert INTERPRET or all(len(t.configs) > 1 for t in tuners)
