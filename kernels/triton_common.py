@@ -98,6 +98,30 @@ def store_tile(out_ptr, acc, offs_m, offs_n, M, N, ATOMIC: tl.constexpr):
         tl.store(ptrs, cast(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R,
+                   HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """lowrank_bias for a transposed tile acc (BLOCK_N, BLOCK_M): + proj_up @ lr^T + bias[:, None]."""
+    if HAS_LR:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            a = tl.load(up_ptr + offs_n[:, None] * R + offs_r[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+            b = tl.load(lr_ptr + offs_m[None, :] * R + offs_r[:, None],
+                        mask=(offs_m[None, :] < M) & (offs_r[:, None] < R), other=0.0)
+            acc = dot16(a, b, acc)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def store_tile_t(out_ptr, acc, offs_m, offs_n, M, N):
+    """Store a transposed tile acc (BLOCK_N, BLOCK_M) into the (M, N) output."""
+    tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], cast(acc, out_ptr.dtype.element_ty),
+             mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
 def rank_block(proj_down, what):
     """BLOCK_R for a down projection of rank r (a power of two >= 16)."""
     if proj_down is None:

@@ -6,9 +6,18 @@ import triton.language as tl
 
 from .triton_common import check_rank, configs, lowrank_bias, m_bucket, store_tile, swizzle
 from .triton_decode import TERNARY_ZEROS, load_packed, unpack_ternary
-from .triton_w4a4 import CONFIGS as _W4A4_CONFIGS, _prune
 
-CONFIGS = [{**c, "BLOCK_K": bk} for c in _W4A4_CONFIGS for bk in (64, 128)]
+CONFIGS = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+           for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
+                                (64, 256, 8, 3), (64, 64, 4, 4), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 5))
+           for bk in (64, 128)]
+
+
+def _prune(cfgs, named_args, **kwargs):
+    """Row blocks no taller than the token count needs; BLOCK_K dividing K."""
+    need = max(16, triton.next_power_of_2(named_args["M"]))
+    keep = [c for c in cfgs if c.kwargs["BLOCK_M"] <= need and named_args["K"] % c.kwargs["BLOCK_K"] == 0]
+    return keep or cfgs[:1]
 
 
 @triton.autotune(configs(CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),

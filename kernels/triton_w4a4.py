@@ -1,50 +1,84 @@
 """SVDQuant W4A4 GEMM: int4 x int4 as int8 tensor-core dots, rescaled per group of 64 in float32.
 
-out = sum_g (qx_g @ qw_g^T) * (ascale_g x wscale_g) + lr @ proj_up^T + bias. Triton has no int4 dot, so
-weight nibbles are sign-extended to int8 in registers; each group's int32 dot is exact, the rescale and
-the low-rank/bias epilogue run in float32 in the order reference.w4a4_gemm uses.
+out = sum_g (qx_g @ qw_g^T) * (ascale_g x wscale_g) + lr @ proj_up^T + bias. Computed transposed, out^T =
+W x^T: the weight, decoded in registers (triton_decode, values x16), is the left operand, the only one wgmma
+reads from registers; the activation codes go global -> shared by cp.async. Each group's int32 dot starts
+from the bit pattern of 1.5 * 2^23, so the result read as float32 minus 1.5 * 2^23 is the exact dot (|16 d| <=
+122880 < 2^22): no int -> float conversion. Few tokens: K is split across programs, the last one to arrive
+sums the partials in split order (triton_splitk.py) and applies the epilogue.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import check_rank, configs, lowrank_bias, m_bucket, store_tile, swizzle
+from .triton_common import check_rank, configs, lowrank_bias_t, m_bucket, sm_count, store_tile_t, swizzle
 from .triton_decode import load_packed, unpack_int4
+from .triton_splitk import arrived_last, load_partial, reset_arrivals, tile_counters
 
-CONFIGS = [{"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": w, "num_stages": s}
-         for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
-                              (64, 256, 8, 3), (64, 64, 4, 4), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 5))]
+MAGIC_BITS = tl.constexpr(0x4B400000)  # float32 1.5 * 2^23
+MAGIC = tl.constexpr(12582912.0)
+SMALL_M = 64
+
+# BLOCK_N rows of weights (wgmma M: 64 per warp group), BLOCK_M tokens (wgmma N)
+CONFIGS = [{"BLOCK_N": bn, "BLOCK_M": bm, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+           for bn, bm, w, s in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4),
+                                (64, 64, 4, 4), (64, 32, 4, 5), (64, 16, 4, 6))]
 
 
 def _prune(cfgs, named_args, **kwargs):
-    """Keep row blocks no taller than needed for the token count (M = 1 runs on 16-row blocks)."""
+    """Token blocks no taller than the token count needs; at most 3 candidates per M bucket."""
     need = max(16, triton.next_power_of_2(named_args["M"]))
     keep = [c for c in cfgs if c.kwargs["BLOCK_M"] <= need]
-    return keep or cfgs[:1]
+    return sorted(keep, key=lambda c: -c.kwargs["BLOCK_M"])[:3] or cfgs[-1:]
 
 
-@triton.autotune(configs(CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 4}), key=["M_KEY", "N", "K", "R"],
+@triton.autotune(configs(CONFIGS, {"BLOCK_N": 32, "BLOCK_M": 16, "GROUP_M": 4}), key=["M_KEY", "N", "K", "R", "NSPLIT"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, M_KEY, W_ROW,
+def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                 M, N, K, R, M_KEY, W_ROW, STRIDE_AM, STRIDE_AG, NSPLIT,
                  HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, GS: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = swizzle(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, GS)
+    offs_k = tl.arange(0, GS)
     G = K // GS
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for g in range(0, G):
-        offs_k = g * GS + offs_g
-        a = tl.load(qx_ptr + offs_m[:, None] * K + offs_k[None, :], mask=offs_m[:, None] < M, other=0)
-        w = tl.trans(unpack_int4(load_packed(w_ptr, offs_n, g * (GS // 2), W_ROW, N, GS // 2, 0), False))
-        d = tl.dot(a, w, out_dtype=tl.int32)
-        sa = tl.load(as_ptr + offs_m * G + g, mask=offs_m < M, other=0.0)
-        sw = tl.load(ws_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        acc = acc + d.to(tl.float32) * (sa[:, None] * sw[None, :])
-    acc = lowrank_bias(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R, HAS_LR, HAS_BIAS, BLOCK_R)
-    store_tile(out_ptr, acc, offs_m, offs_n, M, N, False)
+    per = tl.cdiv(G, NSPLIT)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for g in range(pid_s * per, tl.minimum(pid_s * per + per, G)):
+        w = unpack_int4(load_packed(w_ptr, offs_n, g * (GS // 2), W_ROW, N, GS // 2, 0), True)
+        x = tl.load(qx_ptr + offs_m[None, :] * K + (g * GS + offs_k)[:, None], mask=offs_m[None, :] < M, other=0)
+        d = tl.dot(w, x, tl.full((BLOCK_N, BLOCK_M), MAGIC_BITS, tl.int32), out_dtype=tl.int32)
+        sa = tl.load(as_ptr + offs_m * STRIDE_AM + g * STRIDE_AG, mask=offs_m < M, other=0.0)
+        sw = tl.load(ws_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) * 0.0625  # w was x16
+        acc += (d.to(tl.float32, bitcast=True) - MAGIC) * (sw[:, None] * sa[None, :])
+    if NSPLIT == 1:
+        acc = lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R, HAS_LR, HAS_BIAS, BLOCK_R)
+        store_tile_t(out_ptr, acc, offs_m, offs_n, M, N)
+    else:
+        parts = part_ptr + offs_m[None, :] * N + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+        tl.store(parts + pid_s * M * N, acc, mask=mask)
+        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        if arrived_last(cnt_ptr, tile, NSPLIT):
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for s in range(0, NSPLIT):
+                acc += load_partial(parts + s * M * N, mask)
+            acc = lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R, HAS_LR, HAS_BIAS, BLOCK_R)
+            store_tile_t(out_ptr, acc, offs_m, offs_n, M, N)
+            reset_arrivals(cnt_ptr, tile)
+
+
+def k_splits(m: int, n: int, groups: int, device) -> int:
+    """Split K only for few tokens: about a wave of (64 x 64) tiles (two at <= 16 tokens), >= 4 groups each."""
+    if m > SMALL_M:
+        return 1
+    tiles = triton.cdiv(n, 64) * triton.cdiv(m, 64)
+    want = triton.cdiv((2 if m <= 16 else 1) * sm_count(device), tiles)
+    s = max(1, min(want, groups // 4))
+    return triton.cdiv(groups, triton.cdiv(groups, s))
 
 
 def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=torch.bfloat16):
@@ -61,9 +95,16 @@ def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, o
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return out
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _w4a4_kernel[grid](qx.contiguous(), ascales.float().contiguous(), qweight.contiguous(), wscales.contiguous(),
+    ascales = ascales.float()
+    nsplit = k_splits(m, n, groups, qx.device)
+    part = cnt = out
+    if nsplit > 1:
+        part = torch.empty(nsplit, m, n, dtype=torch.float32, device=qx.device)
+        cnt = tile_counters(qx.device, triton.cdiv(m, 16) * triton.cdiv(n, 32))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), nsplit)
+    _w4a4_kernel[grid](qx.contiguous(), ascales, qweight.contiguous(), wscales.contiguous(),
                        out if lr is None else lr, out if proj_up is None else proj_up,
-                       out if bias is None else bias.contiguous(), out, m, n, k, r, m_bucket(m), k // 2,
-                       HAS_LR=lr is not None, HAS_BIAS=bias is not None, GS=gs, BLOCK_R=32 if r % 32 == 0 else 16)
+                       out if bias is None else bias.contiguous(), out, part, cnt, m, n, k, r, m_bucket(m), k // 2,
+                       ascales.stride(0), ascales.stride(1), nsplit, HAS_LR=lr is not None, HAS_BIAS=bias is not None,
+                       GS=gs, BLOCK_R=32 if r % 32 == 0 else 16)
     return out

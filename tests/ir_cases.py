@@ -117,12 +117,14 @@ def cases(arch: str) -> list:
                    {k: v for k, v in act_types.items() if k != "rsmooth_ptr"},
                    {"lr": dict(QUANT=True, HAS_LR=True, BLOCK_K=64, BLOCK_R=32)}, act8.CONFIGS, ("no_spills",),
                    only_first=first)
-    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel",
-                   dict(qx_ptr=I8, as_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, **lowrank, **sizes),
-                   {"lr+bias": dict(HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32)}, w4a4.CONFIGS,
-                   GEMM_CHECKS + ("no_int_to_float",), only_first=first,
-                   xfail=lambda v, c: {"no_int_to_float": "issue 15: group rescale without cvt", **small_rows(v, c),
-                                       **({"no_spills": "issue 15"} if c["BLOCK_N"] == 256 and c["BLOCK_M"] == 128 else {})})
+    w4a4_types = dict(qx_ptr=I8, as_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr=F32, cnt_ptr="*i32",
+                      STRIDE_AG=I32, NSPLIT=I32, **lowrank, **sizes)
+    flags = dict(HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32, STRIDE_AM=1)  # scales stored (G, M)
+    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias": dict(flags, NSPLIT=1)},
+                   w4a4.CONFIGS, GEMM_CHECKS + ("no_int_to_float",), only_first=first)
+    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias splitk": flags},
+                   [c for c in w4a4.CONFIGS if c["BLOCK_M"] <= w4a4.SMALL_M], GEMM_CHECKS + ("no_int_to_float",),
+                   only_first=first)
     out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel",
                    dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, **lowrank, **sizes),
                    {"lr+bias": dict(HAS_LR=True, HAS_BIAS=True, BLOCK_R=32)}, ternary.CONFIGS, only_first=first,

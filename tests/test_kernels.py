@@ -135,24 +135,31 @@ def test_quantize_act_int8_and_lora_down(dtype, m, k, rank):
     assert triton_ops.lora_down(x, None) is None
 
 
-# (M, N, K, rank, bias)
-GEMM_CASES = [(1, 48, 192, 16, True), (33, 40, 128, 48, True), (20, 32, 64, 0, False)]
+# (M, N, K, rank, bias, unsigned); K = 1024 and 512 at M <= 64 split K over 4 and 2 programs
+GEMM_CASES = [(1, 48, 192, 16, True, False), (33, 40, 128, 48, True, True), (20, 32, 64, 0, False, False),
+              (1, 40, 1024, 16, True, False), (33, 96, 512, 48, False, True), (65, 64, 256, 32, True, False)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,rank,has_bias", GEMM_CASES)
-def test_w4a4_gemm(dtype, m, n, k, rank, has_bias):
+@pytest.mark.parametrize("m,n,k,rank,has_bias,unsigned", GEMM_CASES)
+def test_w4a4_gemm(dtype, m, n, k, rank, has_bias, unsigned):
+    from comfyui_lowbit.kernels.triton_w4a4 import k_splits
+
     g = gen(3)
     x = rand(m, k, dtype=dtype, g=g)
     smooth = (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV)
     down = rand(k, rank, dtype=dtype, g=g, scale=0.1) if rank else None
-    qx, s, lr = triton_ops.quantize_act_int4(x, smooth, down)
+    qx, s, lr = triton_ops.quantize_act_int4(x, smooth, down, unsigned=unsigned)
     qw, ws = int4_weight(n, k, g), rand(k // 64, n, dtype=dtype, g=g, scale=0.05)
     up = rand(n, rank, dtype=dtype, g=g, scale=0.1) if rank else None
     bias = rand(n, dtype=dtype, g=g) if has_bias else None
+    assert k_splits(m, n, k // 64, torch.device(DEV)) == (k // 256 if k >= 512 else 1)
     for out_dtype in (dtype, torch.float32):
-        out = triton_ops.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=out_dtype)
-        close(out, ref.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=out_dtype))
+        expected = ref.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=out_dtype)
+        close(triton_ops.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=out_dtype), expected)
+    # scales as the reference lays them out ((M, G) row-major) give the same result
+    close(triton_ops.w4a4_gemm(qx, s.contiguous(), qw, ws, lr, up, bias, out_dtype=dtype),
+          ref.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=dtype))
 
 
 # (M, N, K, group, zeros): M = 1 and 5 take the split-K path, M = 65 the tiled one
