@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from .reference import unsigned_from
-from .triton_common import cast, configs, dot16, m_bucket, rank_block, sm_count
+from .triton_common import candidates, cast, configs, dot16, m_bucket, rank_block, sm_count
 from .triton_rounding import ACT_SHIFT_C, RCP7, RCP15, group_rscale, round_to_int8
 from .triton_splitk import arrived_last, load_partial, reset_arrivals, tile_counters
+from .tuning import launch
 
 CONFIGS = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 32, "num_warps": 4, "num_stages": 3},
            {"BLOCK_M": 16, "num_warps": 2, "num_stages": 4}]
@@ -24,8 +25,7 @@ MIN_GROUPS_PER_SPLIT = 4
 
 
 def _prune(cfgs, named_args, **kwargs):
-    need = max(16, triton.next_power_of_2(named_args["M"]))
-    return [c for c in cfgs if c.kwargs["BLOCK_M"] <= need] or cfgs[-1:]
+    return candidates(cfgs, named_args["M"])[:3]
 
 
 @triton.autotune(configs(CONFIGS, {"BLOCK_M": 16, "num_warps": 4}), key=["M_KEY", "K", "R", "NSPLIT"],
@@ -115,9 +115,9 @@ def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
         part = torch.empty(nsplit, m, r, dtype=torch.float32, device=x.device)
         cnt = tile_counters(x.device, triton.cdiv(m, 16))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), nsplit)
-    _act_int4_kernel[grid](x, x if smooth is None else reciprocal_smooth(smooth), x if lr is None else proj_down.contiguous(),
-                           q, s, q if lr is None else lr, part, cnt, m, k, r, m_bucket(m), u, nsplit,
-                           HAS_SMOOTH=smooth is not None, HAS_LR=lr is not None, UNSIGNED=0 if u == k else 1 if u == 0 else 2,
-                           GS=group_size,
-                           BLOCK_R=rank_block(proj_down, "quantize_act_int4"))
+    launch("act_int4", _act_int4_kernel, grid, x.device, dict(K=k, R=r, M=m_bucket(m)),
+           x, x if smooth is None else reciprocal_smooth(smooth), x if lr is None else proj_down.contiguous(),
+           q, s, q if lr is None else lr, part, cnt, m, k, r, m_bucket(m), u, nsplit,
+           HAS_SMOOTH=smooth is not None, HAS_LR=lr is not None, UNSIGNED=0 if u == k else 1 if u == 0 else 2,
+           GS=group_size, BLOCK_R=rank_block(proj_down, "quantize_act_int4"))
     return q, s, lr

@@ -24,6 +24,14 @@ def configs(full, interpreted):
     return [one(interpreted)] if INTERPRET else [one(c) for c in full]
 
 
+def candidates(cfgs, m: int):
+    """Configs (dicts or triton.Config) worth running for m tokens: token blocks no taller than m needs,
+    tallest first."""
+    need = max(16, triton.next_power_of_2(m))
+    get = lambda c: c["BLOCK_M"] if isinstance(c, dict) else c.kwargs["BLOCK_M"]
+    return sorted([c for c in cfgs if get(c) <= need], key=lambda c: -get(c)) or cfgs[-1:]
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the token count: next power of two, so each shape family tunes once."""
     return min(triton.next_power_of_2(max(m, 1)), 8192)

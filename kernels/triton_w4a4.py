@@ -11,9 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import check_rank, configs, lowrank_bias_t, m_bucket, sm_count, store_tile_t, swizzle
+from .triton_common import (candidates, check_rank, configs, lowrank_bias_t, m_bucket, sm_count, store_tile_t,
+                            swizzle)
 from .triton_decode import load_packed, unpack_int4
 from .triton_splitk import arrived_last, load_partial, reset_arrivals, tile_counters
+from .tuning import launch
 
 MAGIC_BITS = tl.constexpr(0x4B400000)  # float32 1.5 * 2^23
 MAGIC = tl.constexpr(12582912.0)
@@ -26,10 +28,8 @@ CONFIGS = [{"BLOCK_N": bn, "BLOCK_M": bm, "GROUP_M": 8, "num_warps": w, "num_sta
 
 
 def _prune(cfgs, named_args, **kwargs):
-    """Token blocks no taller than the token count needs; at most 3 candidates per M bucket."""
-    need = max(16, triton.next_power_of_2(named_args["M"]))
-    keep = [c for c in cfgs if c.kwargs["BLOCK_M"] <= need]
-    return sorted(keep, key=lambda c: -c.kwargs["BLOCK_M"])[:3] or cfgs[-1:]
+    """Without a tuned entry: at most 3 candidates per M bucket."""
+    return candidates(cfgs, named_args["M"])[:3]
 
 
 @triton.autotune(configs(CONFIGS, {"BLOCK_N": 32, "BLOCK_M": 16, "GROUP_M": 4}), key=["M_KEY", "N", "K", "R", "NSPLIT"],
@@ -100,11 +100,11 @@ def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, o
     part = cnt = out
     if nsplit > 1:
         part = torch.empty(nsplit, m, n, dtype=torch.float32, device=qx.device)
-        cnt = tile_counters(qx.device, triton.cdiv(m, 16) * triton.cdiv(n, 32))
+        cnt = tile_counters(qx.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), nsplit)
-    _w4a4_kernel[grid](qx.contiguous(), ascales, qweight.contiguous(), wscales.contiguous(),
-                       out if lr is None else lr, out if proj_up is None else proj_up,
-                       out if bias is None else bias.contiguous(), out, part, cnt, m, n, k, r, m_bucket(m), k // 2,
-                       ascales.stride(0), ascales.stride(1), nsplit, HAS_LR=lr is not None, HAS_BIAS=bias is not None,
-                       GS=gs, BLOCK_R=32 if r % 32 == 0 else 16)
+    launch("w4a4", _w4a4_kernel, grid, qx.device, dict(N=n, K=k, R=r, M=m_bucket(m)),
+           qx.contiguous(), ascales, qweight.contiguous(), wscales.contiguous(),
+           out if lr is None else lr, out if proj_up is None else proj_up, out if bias is None else bias.contiguous(),
+           out, part, cnt, m, n, k, r, m_bucket(m), k // 2, ascales.stride(0), ascales.stride(1), nsplit,
+           HAS_LR=lr is not None, HAS_BIAS=bias is not None, GS=gs, BLOCK_R=32 if r % 32 == 0 else 16)
     return out

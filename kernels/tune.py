@@ -1,0 +1,116 @@
+"""Tune on this GPU: time every shipped config of the tuned kernels at the FLUX shapes and write the fastest per
+shape and token bucket to <out>/<gpu>.json (merged with the entries already there), the table tuning.py reads.
+`python -m comfyui_lowbit.kernels.tune [--out DIR] [--m 1 512 4096 4608] [--rank 32]`; `--tiny` runs small
+shapes (a smoke run, e.g. under TRITON_INTERPRET=1 on a CPU; its timings mean nothing)."""
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+
+from . import tuning
+from .bench_kernels import FLUX_SHAPES
+from .packing import pack_int4
+from .triton_common import candidates, m_bucket
+
+BLOCK_SHAPES = [(k, n) for name, k, n in FLUX_SHAPES if name != "mod.lin"]  # the W4A4 (block) linears
+TINY_SHAPES = [(256, 64)]
+
+
+@contextlib.contextmanager
+def forced(name, device, fields, cfg):
+    """Make the in-memory table hold `cfg` for this shape while the block runs."""
+    entries = tuning.table(device).setdefault(name, {})
+    key = tuning.shape_key(**fields)
+    old = entries.get(key)
+    entries[key] = cfg
+    try:
+        yield
+    finally:
+        entries.pop(key) if old is None else entries.__setitem__(key, old)
+
+
+def _seconds(fn):
+    if torch.cuda.is_available():
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=5, rep=25) * 1e-3
+    fn()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _ops(k, n, m, rank, device):
+    """(kernel name, shape fields, shipped configs, callable) for each tuned kernel at this shape."""
+    from . import triton_act, triton_w4a4
+
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16
+    x = torch.randn(m, k, generator=g).to(dt).to(device)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(dt).to(device)
+    down = (torch.randn(k, rank, generator=g) * 0.05).to(dt).to(device)
+    up = (torch.randn(n, rank, generator=g) * 0.05).to(dt).to(device)
+    qw = pack_int4(torch.randint(-8, 8, (n, k), generator=g)).to(device)
+    ws = (torch.rand(k // 64, n, generator=g) * 0.01).to(dt).to(device)
+    q, s, lr = triton_act.quantize_act_int4(x, smooth, down)
+    bucket = m_bucket(m)
+    return [("act_int4", dict(K=k, R=rank, M=bucket), triton_act.CONFIGS,
+             lambda: triton_act.quantize_act_int4(x, smooth, down)),
+            ("w4a4", dict(N=n, K=k, R=rank, M=bucket), triton_w4a4.CONFIGS,
+             lambda: triton_w4a4.w4a4_gemm(q, s, qw, ws, lr, up))]
+
+
+def tune(ms, shapes, rank, device) -> dict:
+    """{kernel: {shape key: fastest config + its time in us}}."""
+    found = {}
+    for k, n in shapes:
+        for m in ms:
+            for name, fields, cfgs, fn in _ops(k, n, m, rank, device):
+                key = tuning.shape_key(**fields)
+                if key in found.setdefault(name, {}):
+                    continue
+                timed = []
+                for cfg in candidates(cfgs, m):
+                    with forced(name, device, fields, cfg):
+                        timed.append((_seconds(fn), cfg))
+                sec, cfg = min(timed, key=lambda t: t[0])
+                found[name][key] = {**cfg, "us": round(sec * 1e6, 2)}
+                print(f"{name:9s} {key:32s} {len(timed)} configs, best {found[name][key]}", flush=True)
+    return found
+
+
+def write(found: dict, path: str, device) -> None:
+    import triton
+
+    data = {"kernels": tuning.read_table(path)}
+    for name, entries in found.items():
+        data["kernels"].setdefault(name, {}).update(entries)
+    gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    data = {"gpu": gpu, "triton": triton.__version__, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), **data}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    tuning._TABLES.pop(path, None)  # read again on the next lookup
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", help="folder for <gpu>.json (default: the package's kernels/configs on a GPU)")
+    p.add_argument("--m", type=int, nargs="+", default=[1, 512, 4096, 4608])
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--tiny", action="store_true")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not (a.tiny and a.out):
+        raise SystemExit("tune: no GPU; use --tiny --out DIR under TRITON_INTERPRET=1 for a smoke run")
+    found = tune([min(m, 40) for m in a.m] if a.tiny else a.m, TINY_SHAPES if a.tiny else BLOCK_SHAPES,
+                 16 if a.tiny else a.rank, device)
+    write(found, os.path.join(a.out or tuning.CONFIG_DIR, tuning.gpu_key(device) + ".json"), device)
+
+
+if __name__ == "__main__":
+    main()
