@@ -1,5 +1,5 @@
 """Time the Triton ops at FLUX shapes against a bf16 torch matmul (GPU):
-`python -m comfyui_lowbit.kernels.bench_kernels [--m 1 4608] [--rank 32]`. `--tiny` runs small shapes
+`python -m comfyui_lowbit.kernels.bench_kernels [--m 1 4608] [--rank 32] [--shapes attn.qkv ...]`. `--tiny` runs small shapes
 (a smoke run, e.g. under TRITON_INTERPRET=1 on a CPU); its timings mean nothing."""
 import argparse
 
@@ -60,13 +60,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--m", type=int, nargs="+", default=[1, 512, 4608])
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--shapes", nargs="+", choices=[s[0] for s in FLUX_SHAPES], help="FLUX shapes to time (default all)")
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not a.tiny:
         raise SystemExit("bench_kernels: no GPU; use --tiny under TRITON_INTERPRET=1 for a smoke run")
     bench([min(m, 40) for m in a.m] if a.tiny else a.m, 16 if a.tiny else a.rank,
-          TINY_SHAPES if a.tiny else FLUX_SHAPES, dev, reps=50)
+          TINY_SHAPES if a.tiny else [s for s in FLUX_SHAPES if not a.shapes or s[0] in a.shapes], dev, reps=50)
 
 
 if __name__ == "__main__":

@@ -46,14 +46,14 @@ def _ops(k, n, m, rank, device):
     """(kernel name, shape fields, shipped configs, callable) for each tuned kernel at this shape."""
     from . import triton_act, triton_w4a4
 
-    g = torch.Generator().manual_seed(0)
-    dt = torch.bfloat16
-    x = torch.randn(m, k, generator=g).to(dt).to(device)
-    smooth = (torch.rand(k, generator=g) + 0.5).to(dt).to(device)
-    down = (torch.randn(k, rank, generator=g) * 0.05).to(dt).to(device)
-    up = (torch.randn(n, rank, generator=g) * 0.05).to(dt).to(device)
-    qw = pack_int4(torch.randint(-8, 8, (n, k), generator=g)).to(device)
-    ws = (torch.rand(k // 64, n, generator=g) * 0.01).to(dt).to(device)
+    g = torch.Generator(device).manual_seed(0)
+    dt, kw = torch.bfloat16, dict(generator=g, device=device)
+    x = torch.randn(m, k, **kw).to(dt)
+    smooth = (torch.rand(k, **kw) + 0.5).to(dt)
+    down = (torch.randn(k, rank, **kw) * 0.05).to(dt)
+    up = (torch.randn(n, rank, **kw) * 0.05).to(dt)
+    qw = pack_int4(torch.randint(-8, 8, (n, k), **kw))
+    ws = (torch.rand(k // 64, n, **kw) * 0.01).to(dt)
     q, s, lr = triton_act.quantize_act_int4(x, smooth, down)
     bucket = m_bucket(m)
     return [("act_int4", dict(K=k, R=rank, M=bucket), triton_act.CONFIGS,

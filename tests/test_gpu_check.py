@@ -1,0 +1,23 @@
+"""scripts/gpu-check.sh --dry-run: every step of the GPU check runs at tiny size on the CPU and reports ok."""
+import csv
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_dry_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "BUDGET")}
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--dry-run", str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = (tmp_path / "gpu-check.log").read_text()
+    rows = {r["step"]: r for r in csv.DictReader(open(tmp_path / "summary.tsv"), delimiter="\t")}
+    assert list(rows) == ["env", "gpu-tests", "tune", "kernel-timings", "bench-layers", "bench-model", "ceilings"]
+    if not (ROOT / "gpu_tools" / "gpu-ceilings.py").exists():  # git-ignored: absent in a fresh clone
+        assert rows.pop("ceilings")["exit"] == "3" and "gpu_tools/gpu-ceilings.py missing" in log
+    assert all(r["status"] == "ok" for r in rows.values()), (rows, log[-3000:])
+    for name in ("bench.json", "model.json", "cpu.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert not (ROOT / "kernels" / "configs" / "cpu.json").exists()  # a dry run never writes the shipped tables
