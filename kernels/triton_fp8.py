@@ -11,12 +11,12 @@ import triton
 import triton.language as tl
 
 from .reference import E4M3_MAX, FLT_MIN, RCP
-from .triton_common import INTERPRET, MAX_RANK, cast, check_rank, configs, dot16, m_bucket, swizzle
+from .triton_common import MAX_RANK, candidates, cast, check_rank, configs, dot16, m_bucket, swizzle
 from .triton_decode import (INT4_E4M3_UNIT, TERNARY_E4M3_UNIT, TERNARY_ZEROS_WORD, load_packed, unpack_int4_e4m3,
                             unpack_ternary_e4m3)
+from .tuning import launch
 
 RCP448, E4M3_MAX_C, FLT_MIN_C = tl.constexpr(RCP[448]), tl.constexpr(E4M3_MAX), tl.constexpr(FLT_MIN)
-_EMULATE = tl.constexpr(INTERPRET)
 SUBNORMAL_WEIGHTS = True  # int4 weights as sign-magnitude bytes (q * 2^-9); False: converted through float16
 
 ACT_CONFIGS = [{"BLOCK_M": bm, "BLOCK_K": bk, "num_warps": w, "num_stages": 2}
@@ -39,22 +39,22 @@ def _reciprocal(v):
 
 @triton.jit
 def to_e4m3(v):
-    """float32 -> float8e4nv as reference.to_e4m3: clamp to +-448, round to nearest even. Compiled, the
-    conversion instruction rounds; the interpreter's conversion does not round to nearest even, so there the
-    value is first rounded on its bits (normal range: drop 20 mantissa bits; below 2^-6: multiples of 2^-9)
-    and the conversion of the exact value follows."""
+    """float32 -> float8e4nv as reference.to_e4m3: clamp to +-448, round to nearest even. The rounding is done
+    here on the float32 (normal range: drop 20 mantissa bits on the bits; below 2^-6: to multiples of 2^-9), so
+    the conversion that follows is exact whatever instruction the compiler picks: the interpreter's cast does
+    not round to nearest even, and Triton 3.6 on sm_89 converts through float16 rounding toward zero first."""
     v = tl.minimum(tl.maximum(v, -E4M3_MAX_C), E4M3_MAX_C)
-    if _EMULATE:
-        a = tl.abs(v)
-        b = a.to(tl.uint32, bitcast=True)
-        normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-        small = (a + 16384.0) - 16384.0  # 2^14: its float32 spacing is 2^-9
-        a = tl.where(a < 0.015625, small, normal).to(tl.uint32, bitcast=True)
-        v = (a | (v.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)  # the sign, -0 included
+    a = tl.abs(v)
+    b = a.to(tl.uint32, bitcast=True)
+    normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    small = (a + 16384.0) - 16384.0  # 2^14: its float32 spacing is 2^-9
+    a = tl.where(a < 0.015625, small, normal).to(tl.uint32, bitcast=True)
+    v = (a | (v.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)  # the sign, -0 included
     return v.to(tl.float8e4nv)
 
 
-@triton.autotune(configs(ACT_CONFIGS, {"BLOCK_M": 16, "BLOCK_K": 64}), key=["M_KEY", "K", "R"])
+@triton.autotune(configs(ACT_CONFIGS, {"BLOCK_M": 16, "BLOCK_K": 64}), key=["M_KEY", "K", "R"],
+                 prune_configs_by={"early_config_prune": lambda cfgs, named_args, **kw: candidates(cfgs, named_args["M"])[:3]})
 @triton.jit
 def _act_fp8_kernel(x_ptr, smooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, M, K, R, M_KEY,
                     HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -95,9 +95,8 @@ def _act_fp8_kernel(x_ptr, smooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, M, K, R, 
 
 
 def _prune(cfgs, named_args, **kwargs):
-    """Token blocks no wider than needed (M = 1 runs on 16-token tiles)."""
-    need = max(16, triton.next_power_of_2(named_args["M"]))
-    return [c for c in cfgs if c.kwargs["BLOCK_M"] <= need] or cfgs[-1:]
+    """Without a tuned entry (kernels/configs): at most 3 candidates, token blocks no wider than needed."""
+    return candidates(cfgs, named_args["M"])[:3]
 
 
 @triton.jit
@@ -186,9 +185,10 @@ def quantize_act_fp8(x, smooth=None, proj_down=None):
     if m == 0:
         return q, s, lr
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-    _act_fp8_kernel[grid](x, x if smooth is None else smooth.contiguous(), x if lr is None else proj_down.contiguous(),
-                          q, s, q if lr is None else lr, m, k, r, m_bucket(m), HAS_SMOOTH=smooth is not None,
-                          HAS_LR=lr is not None, BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))))
+    launch("act_fp8", _act_fp8_kernel, grid, x.device, dict(K=k, R=r, M=m_bucket(m)),
+           x, x if smooth is None else smooth.contiguous(), x if lr is None else proj_down.contiguous(),
+           q, s, q if lr is None else lr, m, k, r, m_bucket(m), HAS_SMOOTH=smooth is not None,
+           HAS_LR=lr is not None, BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))))
     return q, s, lr
 
 
@@ -209,11 +209,12 @@ def _fp8_gemm(qx, xscales, qweight, wscales, lr, proj_up, bias, out_dtype, terna
         return out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     words = qweight.contiguous().view(torch.int32)  # rows of K / per_byte bytes, K a multiple of 64
-    (_ternary_kernel if ternary else _int4_kernel)[grid](qx.contiguous(), xscales.float().contiguous(), words, wscales.contiguous(),
-                           out if lr is None else lr, out if proj_up is None else proj_up,
-                           out if bias is None else bias.contiguous(), out, m, n, k, r, m_bucket(m), words.shape[1],
-                           TERNARY=ternary, SUBNORMAL=SUBNORMAL_WEIGHTS, HAS_LR=lr is not None,
-                           HAS_BIAS=bias is not None, BLOCK_K=64, BLOCK_R=32 if r % 32 == 0 else 16)
+    name, tuner = ("fp8_ternary", _ternary_kernel) if ternary else ("fp8_int4", _int4_kernel)
+    launch(name, tuner, grid, qx.device, dict(N=n, K=k, R=r, M=m_bucket(m)),
+           qx.contiguous(), xscales.float().contiguous(), words, wscales.contiguous(),
+           out if lr is None else lr, out if proj_up is None else proj_up, out if bias is None else bias.contiguous(),
+           out, m, n, k, r, m_bucket(m), words.shape[1], TERNARY=ternary, SUBNORMAL=SUBNORMAL_WEIGHTS,
+           HAS_LR=lr is not None, HAS_BIAS=bias is not None, BLOCK_K=64, BLOCK_R=32 if r % 32 == 0 else 16)
     return out
 
 
