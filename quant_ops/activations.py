@@ -43,3 +43,12 @@ def set_activations(model: torch.nn.Module, mode: str, device=None) -> str:
         if isinstance(m, LowBitLinear):
             m.activations = effective
     return effective
+
+
+def use_fp8(model: torch.nn.Module, device) -> torch.nn.Module:
+    """fp8 activations on every quantized layer of `model`, or a RuntimeError where they cannot run on `device`
+    (a benchmark must not time int4 activations under an fp8 label). Returns `model`."""
+    if set_activations(model, "fp8", device) != "fp8":
+        set_activations(model, "int4")
+        raise RuntimeError(f"fp8 activations need FP8 tensor cores (NVIDIA sm_89+, AMD gfx950/gfx12); {device} has none")
+    return model

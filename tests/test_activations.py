@@ -9,7 +9,7 @@ import torch
 from comfyui_lowbit import kernels
 from comfyui_lowbit.kernels import reference as ref
 from comfyui_lowbit.quant_ops import (activations, module_from_packed, quantize_linear, resolve_activations,
-                                      set_activations)
+                                      set_activations, use_fp8)
 
 from synthetic import heavy_tailed_linear, outlier_inputs
 
@@ -114,8 +114,13 @@ def test_resolve_activations(monkeypatch, caplog):
         assert resolve_activations("auto", "cuda:0") == "int4"
     msgs = [r.getMessage() for r in caplog.records if r.name == "comfyui_lowbit"]
     assert len(msgs) == 1 and "int4" in msgs[0]
+    layer = torch.nn.Sequential(quantize_linear(torch.nn.Linear(64, 16), "ternary", rank=0, iters=1))
+    with pytest.raises(RuntimeError, match="fp8 activations need FP8 tensor cores"):
+        use_fp8(layer, "cuda:0")
+    assert layer[0].activations == "int4"
     monkeypatch.setattr(kernels, "fp8_supported", lambda d: True)
     assert resolve_activations("auto", "cuda:0") == "fp8"
+    assert use_fp8(layer, "cuda:0")[0].activations == "fp8"
 
 
 def test_set_activations_reaches_every_quantized_layer(layers):
