@@ -3,10 +3,11 @@
 Every public op takes the same arguments on both backends (see reference.py for the semantics).
 """
 from . import reference
-from .dispatch import BACKENDS, backend_for, requested_backend, set_backend
+from .dispatch import BACKENDS, backend_for, fp8_supported, requested_backend, set_backend
 from .packing import pack_int4, pack_ternary, unpack_int4, unpack_ternary
 
-OPS = ("lora_down", "quantize_act_int4", "quantize_act_int8", "w4a4_gemm", "w4a16_gemm", "ternary_gemm", "ternary_int8_gemm")
+OPS = ("lora_down", "quantize_act_int4", "quantize_act_int8", "w4a4_gemm", "w4a16_gemm", "ternary_gemm", "ternary_int8_gemm",
+       "quantize_act_fp8", "int4_fp8_gemm", "ternary_fp8_gemm")
 
 
 def _dispatched(name):
@@ -25,6 +26,9 @@ w4a4_gemm = _dispatched("w4a4_gemm")
 w4a16_gemm = _dispatched("w4a16_gemm")
 ternary_gemm = _dispatched("ternary_gemm")
 ternary_int8_gemm = _dispatched("ternary_int8_gemm")
+quantize_act_fp8 = _dispatched("quantize_act_fp8")
+int4_fp8_gemm = _dispatched("int4_fp8_gemm")
+ternary_fp8_gemm = _dispatched("ternary_fp8_gemm")
 
-__all__ = ["BACKENDS", "OPS", "backend_for", "requested_backend", "set_backend", "reference",
+__all__ = ["BACKENDS", "OPS", "backend_for", "fp8_supported", "requested_backend", "set_backend", "reference",
            "pack_int4", "unpack_int4", "pack_ternary", "unpack_ternary", *OPS]

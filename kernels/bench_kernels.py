@@ -26,7 +26,9 @@ def _time(fn, reps):
 
 def bench(ms, rank, shapes, dev, reps=50):
     from . import triton_ops as T
+    from .dispatch import fp8_supported
 
+    fp8 = fp8_supported(dev) or dev == "cpu"  # FP8 kernels: sm_89+ (interpreted on a CPU)
     dt = torch.bfloat16
     rows = []
     for name, k, n in shapes:
@@ -49,6 +51,11 @@ def bench(ms, rank, shapes, dev, reps=50):
                 "ternary gemm": lambda: T.ternary_gemm(x, tw, wsn, lr, up),
                 "ternary int8 gemm": lambda: T.ternary_int8_gemm(q8, s8, tw, wsn, lr, up),
             }
+            if fp8:
+                f8, fs, flr = T.quantize_act_fp8(x, smooth, down)
+                ops.update({"act fp8+down": lambda: T.quantize_act_fp8(x, smooth, down),
+                            "int4 fp8 gemm": lambda: T.int4_fp8_gemm(f8, fs, qw, ws4, flr, up),
+                            "ternary fp8 gemm": lambda: T.ternary_fp8_gemm(f8, fs, tw, wsn, flr, up)})
             for op, fn in ops.items():
                 sec = _time(fn, reps)
                 rows.append((name, m, k, n, op, sec * 1e6, 2 * m * n * k / sec / 1e12))

@@ -2,6 +2,7 @@
 
 LOWBIT_BACKEND=reference|triton overrides (triton on a CPU tensor needs TRITON_INTERPRET=1).
 The first fallback to the reference on a GPU tensor logs one line saying why.
+fp8_supported(device) says whether a GPU has FP8 (e4m3) tensor cores the kernels can use.
 """
 import logging
 import os
@@ -64,3 +65,16 @@ def backend_for(device: torch.device):
         _warned = True
         log.warning("comfyui-lowbit: using the PyTorch reference on %s (Triton unavailable: %s)", device, _triton_error)
     return ops or reference
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 (e4m3) tensor cores: NVIDIA sm_89+ (Ada, Hopper, Blackwell), AMD gfx950 / gfx12 (OCP e4m3).
+    MI300 (gfx942) is left out: its FP8 is the e4m3fnuz variant (another exponent bias, no negative zero)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        arch = getattr(props, "gcnArchName", "")
+        return arch.startswith(("gfx950", "gfx12"))
+    return (props.major, props.minor) >= (8, 9)

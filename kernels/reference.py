@@ -11,13 +11,22 @@ Conventions shared with the Triton kernels:
   acc += dot * (a_scale * w_scale).
 - The low-rank branch reads the raw input: lr = round_to_compute_dtype(x @ proj_down), then
   out += lr @ proj_up^T in float32, then + bias, then cast to the output dtype.
+- FP8 activations (e4m3, torch.float8_e4m3fn): per token over all of K, after smoothing, no shift;
+  scale = absmax * RCP[448], codes = e4m3(clamp(xs * (1 / scale), -448, 448)) rounded to nearest even
+  (the clamp keeps a product just above 448 from becoming NaN). An unsigned (post-GELU) svdq_w4a4
+  layer is quantized the same way, unshifted (e4m3 is signed); its caller adds back the shift's share
+  that the checkpoint folded out of the bias (quant_ops SVDQW4A4Linear.float_bias). Int4 and ternary
+  weight values are exact in e4m3 and products of two e4m3 values are exact in float32, so the FP8
+  GEMMs are float32 dots of the codes: only the float32 summation order is left to the backend.
 """
 import torch
 
 from .packing import unpack_int4, unpack_ternary
 
 ACT_SHIFT = 0.171875  # shift for the unsigned (post-GELU) activation variant
-RCP = {7: 0.1428571492433548, 15: 0.06666667014360428, 127: 0.007874015718698502}  # float32(1 / qmax)
+RCP = {7: 0.1428571492433548, 15: 0.06666667014360428, 127: 0.007874015718698502,
+       448: 0.0022321429569274187}  # float32(1 / qmax)
+E4M3_MAX = 448.0
 FLT_MIN = 2.0 ** -126
 
 
@@ -75,6 +84,21 @@ def quantize_act_int8(x, proj_down=None):
     return q, scale[:, 0], lora_down(x, proj_down)
 
 
+def to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> float8_e4m3fn, round to nearest even, clamped to the finite range first."""
+    return v.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_act_fp8(x, smooth=None, proj_down=None):
+    """x (M, K) -> (q float8_e4m3fn (M, K), scales float32 (M,), lr (M, r) or None): one scale per token."""
+    xs = x.float()
+    if smooth is not None:
+        xs = xs * reciprocal(smooth)
+    scale = xs.abs().amax(dim=1) * RCP[448]
+    rscale = torch.where(scale >= FLT_MIN, reciprocal(scale), torch.zeros_like(scale))
+    return to_e4m3(xs * rscale.unsqueeze(1)), scale, lora_down(x, proj_down)
+
+
 def _epilogue(acc, lr, proj_up, bias, out_dtype):
     if lr is not None:
         acc = acc + lr.float() @ proj_up.float().t()
@@ -130,4 +154,26 @@ def ternary_int8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias
     t = unpack_ternary(qweight).float()
     dot = qx.float() @ t.t()  # exact while K * 127 < 2^24
     acc = dot * (xscales.unsqueeze(1) * wscales.float().unsqueeze(0))
+    return _epilogue(acc, lr, proj_up, bias, out_dtype)
+
+
+def int4_fp8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=torch.bfloat16):
+    """FP8 activations x int4 weights: qx float8_e4m3fn (M, K), xscales f32 (M,), qweight uint8 (N, K/2),
+    wscales (G, N) -> (M, N) = (sum_g (qx_g @ qw_g^T) * wscales_g) * xscales + branch + bias."""
+    m, k = qx.shape
+    groups = wscales.shape[0]
+    gs = k // groups
+    qw = unpack_int4(qweight).float()
+    xf = qx.float()
+    acc = torch.zeros(m, qw.shape[0], dtype=torch.float32, device=qx.device)
+    for g in range(groups):
+        sl = slice(g * gs, (g + 1) * gs)
+        acc = acc + (xf[:, sl] @ qw[:, sl].t()) * wscales[g].float().unsqueeze(0)
+    return _epilogue(acc * xscales.unsqueeze(1), lr, proj_up, bias, out_dtype)
+
+
+def ternary_fp8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=torch.bfloat16):
+    """FP8 activations x ternary weights: qx float8_e4m3fn (M, K), xscales f32 (M,) -> (M, N)."""
+    t = unpack_ternary(qweight).float()
+    acc = (qx.float() @ t.t()) * (xscales.unsqueeze(1) * wscales.float().unsqueeze(0))
     return _epilogue(acc, lr, proj_up, bias, out_dtype)

@@ -2,9 +2,10 @@
 module). Importing it fails cleanly when Triton is missing; CPU tensors need TRITON_INTERPRET=1."""
 from .triton_act import quantize_act_int4
 from .triton_act8 import lora_down, quantize_act_int8
+from .triton_fp8 import int4_fp8_gemm, quantize_act_fp8, ternary_fp8_gemm
 from .triton_ternary import ternary_int8_gemm
 from .triton_w4a4 import w4a4_gemm
 from .triton_wonly import ternary_gemm, w4a16_gemm
 
 __all__ = ["lora_down", "quantize_act_int4", "quantize_act_int8", "w4a4_gemm", "w4a16_gemm", "ternary_gemm",
-           "ternary_int8_gemm"]
+           "ternary_int8_gemm", "quantize_act_fp8", "int4_fp8_gemm", "ternary_fp8_gemm"]

@@ -12,11 +12,12 @@ import torch
 
 from . import tuning
 from .bench_kernels import FLUX_SHAPES
-from .packing import pack_int4
+from .packing import pack_int4, pack_ternary
 from .triton_common import candidates, m_bucket
 
 BLOCK_SHAPES = [(k, n) for name, k, n in FLUX_SHAPES if name != "mod.lin"]  # the W4A4 (block) linears
 TINY_SHAPES = [(256, 64)]
+KERNELS = ("act_int4", "w4a4", "act_fp8", "fp8_int4", "fp8_ternary")
 
 
 @contextlib.contextmanager
@@ -44,7 +45,8 @@ def _seconds(fn):
 
 def _ops(k, n, m, rank, device):
     """(kernel name, shape fields, shipped configs, callable) for each tuned kernel at this shape."""
-    from . import triton_act, triton_w4a4
+    from . import triton_act, triton_fp8, triton_w4a4
+    from .dispatch import fp8_supported
 
     g = torch.Generator(device).manual_seed(0)
     dt, kw = torch.bfloat16, dict(generator=g, device=device)
@@ -56,18 +58,30 @@ def _ops(k, n, m, rank, device):
     ws = (torch.rand(k // 64, n, **kw) * 0.01).to(dt)
     q, s, lr = triton_act.quantize_act_int4(x, smooth, down)
     bucket = m_bucket(m)
-    return [("act_int4", dict(K=k, R=rank, M=bucket), triton_act.CONFIGS,
-             lambda: triton_act.quantize_act_int4(x, smooth, down)),
-            ("w4a4", dict(N=n, K=k, R=rank, M=bucket), triton_w4a4.CONFIGS,
-             lambda: triton_w4a4.w4a4_gemm(q, s, qw, ws, lr, up))]
+    ops = [("act_int4", dict(K=k, R=rank, M=bucket), triton_act.CONFIGS,
+            lambda: triton_act.quantize_act_int4(x, smooth, down)),
+           ("w4a4", dict(N=n, K=k, R=rank, M=bucket), triton_w4a4.CONFIGS,
+            lambda: triton_w4a4.w4a4_gemm(q, s, qw, ws, lr, up))]
+    if not (fp8_supported(device) or torch.device(device).type == "cpu"):  # FP8 kernels: sm_89+ (or interpreted)
+        return ops
+    q8, s8, lr8 = triton_fp8.quantize_act_fp8(x, smooth, down)
+    tw, tws = pack_ternary(torch.randint(-1, 2, (n, k), **kw)), (torch.rand(n, **kw) * 0.01).to(dt)
+    return ops + [("act_fp8", dict(K=k, R=rank, M=bucket), triton_fp8.ACT_CONFIGS,
+                   lambda: triton_fp8.quantize_act_fp8(x, smooth, down)),
+                  ("fp8_int4", dict(N=n, K=k, R=rank, M=bucket), triton_fp8.INT4_CONFIGS,
+                   lambda: triton_fp8.int4_fp8_gemm(q8, s8, qw, ws, lr8, up)),
+                  ("fp8_ternary", dict(N=n, K=k, R=rank, M=bucket), triton_fp8.TERNARY_CONFIGS,
+                   lambda: triton_fp8.ternary_fp8_gemm(q8, s8, tw, tws, lr8, up))]
 
 
-def tune(ms, shapes, rank, device) -> dict:
-    """{kernel: {shape key: fastest config + its time in us}}."""
+def tune(ms, shapes, rank, device, kernels=None) -> dict:
+    """{kernel: {shape key: fastest config + its time in us}} (only the named `kernels` when given)."""
     found = {}
     for k, n in shapes:
         for m in ms:
             for name, fields, cfgs, fn in _ops(k, n, m, rank, device):
+                if kernels and name not in kernels:
+                    continue
                 key = tuning.shape_key(**fields)
                 if key in found.setdefault(name, {}):
                     continue
@@ -103,12 +117,13 @@ def main(argv=None):
     p.add_argument("--m", type=int, nargs="+", default=[1, 512, 4096, 4608])
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, help="tune only these (default: all)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not (a.tiny and a.out):
         raise SystemExit("tune: no GPU; use --tiny --out DIR under TRITON_INTERPRET=1 for a smoke run")
     found = tune([min(m, 40) for m in a.m] if a.tiny else a.m, TINY_SHAPES if a.tiny else BLOCK_SHAPES,
-                 16 if a.tiny else a.rank, device)
+                 16 if a.tiny else a.rank, device, a.kernels)
     write(found, os.path.join(a.out or tuning.CONFIG_DIR, tuning.gpu_key(device) + ".json"), device)
 
 

@@ -10,7 +10,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from .. import kernels
+from .. import kernels, quant_ops
 from .ops import lowbit_modules, make_ops
 from .patcher import wrap_patcher
 
@@ -53,8 +53,18 @@ def _backend_wrapper(backend: str):
     return wrapper
 
 
+ACTIVATIONS_TIP = ("Activation quantization of the 4-bit and ternary layers (the weights are the same): int4 is "
+                   "SVDQuant's own; fp8 (e4m3 per token) is more accurate and uses FP8 tensor cores (NVIDIA RTX 40xx / "
+                   "H100 and newer); auto picks fp8 where the GPU has them, else int4.")
+
+
+def _set_activations(model, mode: str, device) -> None:
+    got = quant_ops.set_activations(model, mode, device)
+    log.info("comfyui-lowbit: %s activations on %s", got, device)
+
+
 def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, backend: str = "auto",
-                                disable_dynamic: bool = False):
+                                activations: str = "auto", disable_dynamic: bool = False):
     """A ComfyUI ModelPatcher for a lowbit FLUX checkpoint (or a Nunchaku INT4 FLUX file) at `path`."""
     from .. import checkpoint
     from ..checkpoint import nunchaku
@@ -84,7 +94,8 @@ def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, bac
     if backend != "auto":
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "lowbit_backend",
                                      _backend_wrapper(backend))
-    patcher.cached_patcher_init = (load_lowbit_diffusion_model, (path, dtype, backend))
+    _set_activations(patcher.model.diffusion_model, activations, patcher.load_device)
+    patcher.cached_patcher_init = (load_lowbit_diffusion_model, (path, dtype, backend, activations))
     return wrap_patcher(patcher)
 
 
@@ -102,6 +113,8 @@ class LowBitDiffusionModelLoader:
                               "tooltip": "16-bit dtype of the model's 16-bit weights, scales and low-rank branch; ComfyUI "
                                          "computes in it on a GPU (on CPU it casts to float32). auto lets ComfyUI pick "
                                          "(float16 on GPUs without bfloat16)."}),
+        }, "optional": {
+            "activations": (list(quant_ops.ACTIVATIONS), {"default": "auto", "tooltip": ACTIVATIONS_TIP}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -109,9 +122,9 @@ class LowBitDiffusionModelLoader:
     CATEGORY = "lowbit"
     DESCRIPTION = "Loads a lowbit FLUX diffusion model as ComfyUI's own FLUX with quantized linear layers."
 
-    def load(self, model_name, backend="auto", compute_dtype="auto"):
+    def load(self, model_name, backend="auto", compute_dtype="auto", activations="auto"):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        return (load_lowbit_diffusion_model(path, DTYPES[compute_dtype], backend),)
+        return (load_lowbit_diffusion_model(path, DTYPES[compute_dtype], backend, activations),)
 
 
 def _read_text_encoder(path: str):
@@ -171,7 +184,7 @@ def _t5_config(sd: dict, layers: dict, info) -> dict | None:
     return {k: cfg[k] for k in T5_CONFIG_KEYS if k in cfg}
 
 
-def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None):
+def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None, activations: str = "auto"):
     """A ComfyUI CLIP (FLUX: CLIP-L + T5-XXL) from files of which any may be lowbit. Encoders smaller
     than CLIP-L / T5-XXL (tests, distilled encoders) get ComfyUI config overrides read from their shapes."""
     state_dicts, layers, options = [], {}, {}
@@ -201,6 +214,7 @@ def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None
                          f"encoders took {n_quant}; the layer names do not match ComfyUI's T5 / CLIP")
     if layers:  # LoraLoader's clip LoRAs on quantized layers go into their low-rank branch too
         clip.patcher = wrap_patcher(clip.patcher)
+        _set_activations(clip.cond_stage_model, activations, clip.patcher.load_device)
     return clip
 
 
@@ -214,6 +228,8 @@ class LowBitTextEncoderLoader:
             "compute_dtype": (list(DTYPES), {"default": "auto",
                               "tooltip": "16-bit dtype of the quantized layers' scales and low-rank branch; auto keeps "
                                          "the text encoder's dtype."}),
+        }, "optional": {
+            "activations": (list(quant_ops.ACTIVATIONS), {"default": "auto", "tooltip": ACTIVATIONS_TIP}),
         }}
 
     RETURN_TYPES = ("CLIP",)
@@ -221,6 +237,6 @@ class LowBitTextEncoderLoader:
     CATEGORY = "lowbit"
     DESCRIPTION = "Loads FLUX's two text encoders, either of which may be a lowbit checkpoint."
 
-    def load(self, clip_name1, clip_name2, compute_dtype="auto"):
+    def load(self, clip_name1, clip_name2, compute_dtype="auto", activations="auto"):
         paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
-        return (load_lowbit_text_encoders(paths, DTYPES[compute_dtype]),)
+        return (load_lowbit_text_encoders(paths, DTYPES[compute_dtype], activations),)

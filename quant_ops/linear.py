@@ -12,6 +12,7 @@ class LowBitLinear(nn.Module):
 
     FORMAT_CLS = None
     VALUES_PER_BYTE = 2
+    activations = "int4"  # run-time activation mode (quant_ops/activations.py), never in a checkpoint
 
     def __init__(self, packed):
         super().__init__()
@@ -48,6 +49,7 @@ class LowBitLinear(nn.Module):
         packed = self.FORMAT_CLS.from_tensors(found, self._options, layer=prefix.rstrip("."))
         for k in self.FORMAT_CLS.TENSORS:
             setattr(self, k, getattr(packed, k))
+        self._buffers.pop("fp8_bias", None)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
@@ -80,11 +82,17 @@ class LowBitLinear(nn.Module):
                 self.register_buffer(name, t, persistent=False)
 
     def copy_to(self, device) -> "LowBitLinear":
-        """A plain lowbit module holding copies of this one's tensors on `device` (runtime branch included)."""
+        """A plain lowbit module holding copies of this one's tensors on `device` (runtime branch, activation
+        mode and FP8 bias included: the bias is computed once here, not on every offloaded call)."""
+        if self.activations == "fp8" and isinstance(self, SVDQW4A4Linear):
+            self._fp8_bias()
         m = module_from_packed(self.packed().to(device=device))
         down, up = self.branch()
         if down is not None and "proj_down" not in self.FORMAT_CLS.TENSORS:
             m.set_branch(down.to(device), up.to(device))
+        m.activations = self.activations
+        if "fp8_bias" in self._buffers:
+            m.register_buffer("fp8_bias", self.fp8_bias.to(device), persistent=False)
         return m
 
 
@@ -93,9 +101,22 @@ class SVDQW4A4Linear(LowBitLinear):
 
     def forward(self, x):
         x2 = self._flat(x)
-        q, s, lr = self._quantize(x2)
-        y = kernels.w4a4_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+        if self.activations == "fp8":
+            q, s, lr = kernels.quantize_act_fp8(x2, self.smooth, self.proj_down)
+            y = kernels.int4_fp8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self._fp8_bias(), out_dtype=x.dtype)
+        else:
+            q, s, lr = self._quantize(x2)
+            y = kernels.w4a4_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _fp8_bias(self) -> torch.Tensor | None:
+        """FP8 activations are not shifted, so an unsigned layer gets back the shift's share that the
+        checkpoint folded out of its bias: float_bias(), float32, computed once (non-persistent buffer)."""
+        if not self._options["act_unsigned"]:
+            return self.bias
+        if "fp8_bias" not in self._buffers:
+            self.register_buffer("fp8_bias", self.float_bias(), persistent=False)
+        return self.fp8_bias
 
     def _quantize(self, x2):
         # act_unsigned_from u > 0: signed channels [0, u), unsigned shifted channels [u, K), one kernel call
@@ -154,7 +175,10 @@ class TernaryLinear(LowBitLinear):
 
     def forward(self, x):
         x2 = self._flat(x)
-        if self._options["act_int8"]:
+        if self.activations == "fp8":
+            q, s, lr = kernels.quantize_act_fp8(x2, None, self.proj_down)
+            y = kernels.ternary_fp8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+        elif self._options["act_int8"]:
             q, s, lr = kernels.quantize_act_int8(x2, self.proj_down)
             y = kernels.ternary_int8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
         else:

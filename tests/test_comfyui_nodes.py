@@ -260,6 +260,8 @@ def test_server_node_definitions(server):
     assert {"tiny_flux_w4a4.safetensors", "tiny_flux_ternary.safetensors"} <= set(loader["model_name"][0])
     assert loader["backend"][0] == ["auto", "reference", "triton"]
     assert loader["compute_dtype"][0] == ["auto", "bfloat16", "float16"]
+    opt = server.object_info("LowBitDiffusionModelLoader")["input"]["optional"]
+    assert opt["activations"][0] == ["auto", "int4", "fp8"] and opt["activations"][1]["default"] == "auto"
     te = server.object_info("LowBitTextEncoderLoader")["input"]["required"]
     assert "tiny_t5_bf16.safetensors" in te["clip_name1"][0] and "tiny_clip_l_bf16.safetensors" in te["clip_name2"][0]
     q = server.object_info("LowBitQuantizeModel")["input"]["required"]
@@ -267,9 +269,9 @@ def test_server_node_definitions(server):
     assert "text_encoders/tiny_t5_bf16.safetensors" in q["model_name"][0]
 
 
-def _lowbit_loader(name, backend="auto", compute_dtype="auto"):
+def _lowbit_loader(name, backend="auto", compute_dtype="auto", activations="auto"):
     return {"class_type": "LowBitDiffusionModelLoader",
-            "inputs": {"model_name": name, "backend": backend, "compute_dtype": compute_dtype}}
+            "inputs": {"model_name": name, "backend": backend, "compute_dtype": compute_dtype, "activations": activations}}
 
 
 def _unet_loader(name):
@@ -334,6 +336,23 @@ def test_server_samples_lowbit_flux_close_to_16bit(server, latent16, fmt, name):
     print(f"{fmt}: sampled latent relative L2 distance to the 16-bit one: {rel:.4f}")
     assert 0 < rel < LATENT_TOL[fmt], f"{fmt}: latent relative distance {rel:.3f} (bound {LATENT_TOL[fmt]})"
     assert entry["outputs"]["9"]["modules"] == [], "the CPU run imported the Triton kernels"
+
+
+@pytest.mark.parametrize("fmt,name", [("svdq_w4a4", "tiny_flux_w4a4.safetensors"), ("ternary", "tiny_flux_ternary.safetensors")])
+def test_server_fp8_activations_close_to_16bit(server, latent16, fmt, name):
+    """The same checkpoint with activations=fp8 (e4m3 per token; the PyTorch reference on the CPU): W4A4 lands at
+    least as close to the 16-bit latent as with its int4 activations; ternary (16-bit activations otherwise)
+    stays within a few percent of its own distance."""
+    native = _LOWBIT_LATENTS.get(name)
+    if native is None:
+        native = _latent(server, server.run(_sampling(_lowbit_loader(name, activations="int4"), f"t/{fmt}_int4")))
+    fp8 = _latent(server, server.run(_sampling(_lowbit_loader(name, activations="fp8"), f"t/{fmt}_fp8")))
+    rel_native, rel_fp8 = _rel(native, latent16), _rel(fp8, latent16)
+    print(f"{fmt}: sampled latent relative L2 distance to the 16-bit one: native activations {rel_native:.4f}, "
+          f"fp8 {rel_fp8:.4f}")
+    assert 0 < rel_fp8 and not torch.equal(fp8, native)
+    bound = rel_native if fmt == "svdq_w4a4" else 1.05 * rel_native + 0.002
+    assert rel_fp8 <= bound, f"{fmt}: fp8 activations {rel_fp8:.4f} vs native {rel_native:.4f}"
 
 
 def test_server_backend_reference_equals_auto_on_cpu_and_triton_is_refused(server):

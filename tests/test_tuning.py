@@ -85,9 +85,13 @@ def test_tune_writes_a_table_the_lookup_reads(tmp_path, monkeypatch, table_dir):
     path = str(table_dir / "cpu.json")
     tune.write(found, path, torch.device("cpu"))
     data = json.loads(open(path).read())
-    assert data["gpu"] == "cpu" and set(data["kernels"]) == {"w4a4", "act_int4"}
+    assert data["gpu"] == "cpu" and set(data["kernels"]) == {"w4a4", "act_int4", "act_fp8", "fp8_int4", "fp8_ternary"}
     cfg = tuning.lookup("w4a4", torch.device("cpu"), N=64, K=128, R=16, M=64)
     assert cfg in [{**c, "us": 1.0} for c in triton_w4a4.CONFIGS]
+    from comfyui_lowbit.kernels import triton_fp8
+
+    cfg = tuning.lookup("fp8_int4", torch.device("cpu"), N=64, K=128, R=16, M=64)
+    assert cfg in [{**c, "us": 1.0} for c in triton_fp8.INT4_CONFIGS]
 
 
 def test_bad_table_names_the_file(tmp_path):
