@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, _UPCAST, check_rank, configs, dot16, lowrank_bias_t, m_bucket, sm_count,
+from .triton_common import (INTERPRET, _UPCAST, candidates, check_rank, configs, dot16, lowrank_bias_t, m_bucket, sm_count,
                             store_tile_t, swizzle)
 from .triton_decode import dot_k_order, int4_tile, load_words, ternary_tile
 from .triton_splitk import arrived_last, load_partial, reset_arrivals, tile_counters
+from .tuning import launch, lookup
 
 SMALL_M = 64
 
@@ -125,10 +126,8 @@ def _epilogue(acc, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, offs_m, offs_n, M,
 
 
 def _prune(cfgs, named_args, **kwargs):
-    """Token blocks no taller than the token count needs; at most 3 candidates per M bucket."""
-    need = max(16, triton.next_power_of_2(named_args["M"]))
-    keep = [c for c in cfgs if c.kwargs["BLOCK_M"] <= need]
-    return sorted(keep, key=lambda c: -c.kwargs["BLOCK_M"])[:3] or cfgs[-1:]
+    """Without a tuned entry: at most 3 candidates per M bucket."""
+    return candidates(cfgs, named_args["M"])[:3]
 
 
 _KEY = ["M_KEY", "N", "K", "R", "NSPLIT", "TERNARY", "HAS_Z", "GS"]
@@ -161,11 +160,11 @@ def _fused(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype, ternary, g
         part = torch.empty(nsplit, m, n, dtype=torch.float32, device=x.device)
         cnt = tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 32))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), nsplit)
-    _TUNED[fmt, size][grid](
-        x, qweight, wscales, out if wzeros is None else wzeros, out if lr is None else lr,
-        out if proj_up is None else proj_up, out if bias is None else bias, out, part, cnt,
-        m, n, k, r, m_bucket(m), qweight.shape[1] // 4, nsplit, TERNARY=ternary, HAS_Z=wzeros is not None,
-        HAS_LR=lr is not None, HAS_BIAS=bias is not None, GS=gs, BLOCK_R=32 if r % 32 == 0 else 16)
+    launch(fmt, _TUNED[fmt, size], grid, x.device, table_fields(fmt, n, k, m, gs, wzeros is not None, r),
+               x, qweight, wscales, out if wzeros is None else wzeros, out if lr is None else lr,
+               out if proj_up is None else proj_up, out if bias is None else bias, out, part, cnt,
+               m, n, k, r, m_bucket(m), qweight.shape[1] // 4, nsplit, TERNARY=ternary, HAS_Z=wzeros is not None,
+               HAS_LR=lr is not None, HAS_BIAS=bias is not None, GS=gs, BLOCK_R=32 if r % 32 == 0 else 16)
     return out
 
 
@@ -223,13 +222,21 @@ def _dequant_gemm(x, qweight, wscales, wzeros, lr, proj_up, bias, ternary):
     return a @ w.t() if bias is None else torch.addmm(bias, a, w.t())
 
 
-def wonly_path(fmt: str, n: int, k: int, m: int, device, dtype) -> str:
-    """'fused' or 'dequant' for a layer (fmt 'w4a16' or 'ternary', N x K) at m tokens: the committed table's
-    entry for this GPU, shape and token bucket; without one, fused up to 512 tokens, dequant + vendor GEMM above
-    (where the GEMM's speed outweighs writing and reading the 16-bit weight once per call)."""
-    if m <= SMALL_M or INTERPRET or device.type != "cuda":
-        return "fused"
-    return "fused" if m <= 512 else "dequant"
+def table_fields(fmt: str, n: int, k: int, m: int, gs: int, zeros: bool, r: int) -> dict:
+    """The key of a layer's entries in the tuned table (tuning.py): shape, group size / rank and token bucket."""
+    if fmt == "w4a16":
+        return dict(N=n, K=k, G=gs, Z=int(zeros), M=m_bucket(m))
+    return dict(N=n, K=k, R=r, M=m_bucket(m))
+
+
+def wonly_path(fmt: str, fields: dict, device) -> str:
+    """'fused' or 'dequant' for a layer: the tuned table's '<fmt>_path' entry for this GPU, shape and token bucket
+    (tune.py times both); without one, fused up to 512 tokens and on non-CUDA devices, dequant + vendor GEMM above
+    (there the GEMM's speed outweighs writing and reading the 16-bit weight once per call)."""
+    entry = lookup(f"{fmt}_path", device, **fields)
+    if entry is not None:
+        return entry["path"]
+    return "fused" if fields["M"] <= 512 or torch.device(device).type != "cuda" else "dequant"
 
 
 def _aligned(t):
@@ -249,7 +256,9 @@ def _launch(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype, ternary, 
     qweight, wscales = _aligned(qweight), wscales.contiguous()
     wzeros = None if wzeros is None else wzeros.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if out_dtype == cdt and wonly_path("ternary" if ternary else "w4a16", n, k, m, x.device, cdt) == "dequant":
+    fmt = "ternary" if ternary else "w4a16"
+    fields = table_fields(fmt, n, k, m, gs, wzeros is not None, 0 if lr is None else lr.shape[1])
+    if out_dtype == cdt and wonly_path(fmt, fields, x.device) == "dequant":
         return _dequant_gemm(x, qweight, wscales, wzeros, lr, proj_up, None if bias is None else bias.to(cdt), ternary)
     return _fused(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype, ternary, gs)
 
