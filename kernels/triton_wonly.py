@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, _UPCAST, candidates, check_rank, configs, dot16, lowrank_bias_t, m_bucket, sm_count,
-                            store_tile_t, swizzle)
+from .triton_common import (INTERPRET, _UPCAST, candidates, check_rank, configs, dot16, lowrank_bias_t, m_bucket,
+                            sm_count, store_tile_t, swizzle)
 from .triton_decode import dot_k_order, int4_tile, load_words, ternary_tile
 from .triton_splitk import arrived_last, load_partial, reset_arrivals, tile_counters
 from .tuning import launch, lookup
@@ -32,9 +32,11 @@ def _configs(rows, group_m):
 # per format and token regime: BLOCK_N weight rows (the dot's M, 64 per warp group), BLOCK_M tokens (the dot's N),
 # KB packed bytes per row per step (64: 16 per lane), warps, stages. None spills (tests/ir_cases.py).
 CONFIGS = {
-    "w4a16": {"small": _configs([(128, 16, 64, 4, 4), (128, 16, 32, 4, 6), (128, 32, 64, 4, 4), (128, 64, 32, 4, 3)], 1),
+    "w4a16": {"small": _configs([(128, 16, 64, 4, 4), (128, 16, 32, 4, 6), (128, 32, 64, 4, 4), (128, 64, 32, 4, 3)],
+                                1),
               "large": _configs([(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4)], 8)},
-    "ternary": {"small": _configs([(128, 16, 64, 4, 4), (128, 16, 64, 4, 6), (128, 32, 32, 4, 4), (128, 64, 32, 4, 3)], 1),
+    "ternary": {"small": _configs([(128, 16, 64, 4, 4), (128, 16, 64, 4, 6), (128, 32, 32, 4, 4), (128, 64, 32, 4, 3)],
+                                  1),
                 "large": _configs([(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4)], 8)},
 }
 DEQUANT_CONFIG = {"BLOCK_N": 32, "KB": 64, "num_warps": 4, "num_stages": 1}
@@ -47,8 +49,9 @@ def _wonly_kernel(x_ptr, w_ptr, ws_ptr, wz_ptr, lr_ptr, up_ptr, bias_ptr, out_pt
                   M, N, K, R, M_KEY, W_ROW, NSPLIT,
                   TERNARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
                   GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                  KB: tl.constexpr, GROUP_M: tl.constexpr):
-    """W_ROW: packed int32 words per weight row. NSPLIT: programs along K per output tile."""
+                  KB: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """W_ROW: packed int32 words per weight row. NSPLIT: programs along K per output tile. EVEN_K: K is a
+    multiple of the K step (no mask along K)."""
     pid_m, pid_n = swizzle(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -67,8 +70,8 @@ def _wonly_kernel(x_ptr, w_ptr, ws_ptr, wz_ptr, lr_ptr, up_ptr, bias_ptr, out_pt
     for step in range(first, tl.minimum(first + per, steps)):
         k0 = step * BLOCK_K
         offs_k = k0 + k_order
-        x = tl.load(x_ptr + offs_m[None, :] * K + offs_k[:, None], mask=(offs_m[None, :] < M) & (offs_k[:, None] < K),
-                    other=0.0)
+        x = tl.load(x_ptr + offs_m[None, :] * K + offs_k[:, None],
+                    mask=(offs_m[None, :] < M) & ((offs_k[:, None] < K) | EVEN_K), other=0.0)
         words = load_words(w_ptr, offs_n, step * (KB // 4), W_ROW, N, KB // 4)
         if TERNARY:
             w = ternary_tile(words, cdt, True, _UPCAST)
@@ -131,8 +134,9 @@ def _prune(cfgs, named_args, **kwargs):
 
 
 _KEY = ["M_KEY", "N", "K", "R", "NSPLIT", "TERNARY", "HAS_Z", "GS"]
+_EVEN_K = triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["KB"] * (4 if a["TERNARY"] else 2)) == 0})
 _TUNED = {(fmt, size): triton.autotune(configs(cfgs, _INTERP), key=_KEY,
-                                       prune_configs_by={"early_config_prune": _prune})(_wonly_kernel)
+                                       prune_configs_by={"early_config_prune": _prune})(_EVEN_K(_wonly_kernel))
           for fmt, by_size in CONFIGS.items() for size, cfgs in by_size.items()}
 
 
@@ -276,5 +280,6 @@ def w4a16_gemm(x, qweight, wscales, wzeros=None, bias=None, out_dtype=None):
 def ternary_gemm(x, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=None):
     """See reference.ternary_gemm."""
     if qweight.shape[1] * 4 != x.shape[1]:
-        raise ValueError(f"ternary_gemm: x {tuple(x.shape)} does not match qweight {tuple(qweight.shape)} (K/4 bytes per row)")
+        raise ValueError(f"ternary_gemm: x {tuple(x.shape)} does not match qweight {tuple(qweight.shape)} "
+                         "(K/4 bytes per row)")
     return _launch(x, qweight, wscales, None, lr, proj_up, bias, out_dtype or x.dtype, True, 64, "ternary_gemm")

@@ -54,13 +54,13 @@ def _ops(kind, k, n, m, rank, device):
     x = torch.randn(m, k, **kw).to(dt)
     bucket = m_bucket(m)
     paths = [{"path": "fused"}, {"path": "dequant"}]
+    size = "small" if m <= triton_wonly.SMALL_M else "large"
     if kind == "w4a16":
         qw = pack_int4(torch.randint(-8, 8, (n, k), **kw))
         ws = (torch.rand(k // 64, n, **kw) * 0.01).to(dt)
         fields = triton_wonly.table_fields("w4a16", n, k, m, 64, False, 0)
         run = lambda: triton_wonly.w4a16_gemm(x, qw, ws)
-        return [("w4a16", fields, triton_wonly.CONFIGS["w4a16"]["small" if m <= triton_wonly.SMALL_M else "large"], run),
-                ("w4a16_path", fields, paths, run)]
+        return [("w4a16", fields, triton_wonly.CONFIGS["w4a16"][size], run), ("w4a16_path", fields, paths, run)]
     smooth = (torch.rand(k, **kw) + 0.5).to(dt)
     down = (torch.randn(k, rank, **kw) * 0.05).to(dt)
     up = (torch.randn(n, rank, **kw) * 0.05).to(dt)
@@ -76,7 +76,7 @@ def _ops(kind, k, n, m, rank, device):
              lambda: triton_act.quantize_act_int4(x, smooth, down)),
             ("w4a4", dict(N=n, K=k, R=rank, M=bucket), triton_w4a4.CONFIGS,
              lambda: triton_w4a4.w4a4_gemm(q, s, qw, ws, lr, up)),
-            ("ternary", tfields, triton_wonly.CONFIGS["ternary"]["small" if m <= triton_wonly.SMALL_M else "large"], tern),
+            ("ternary", tfields, triton_wonly.CONFIGS["ternary"][size], tern),
             ("ternary_path", tfields, paths, tern),
             ("ternary_int8", dict(N=n, K=k, R=rank, M=bucket), triton_ternary.CONFIGS,
              lambda: triton_ternary.ternary_int8_gemm(q8, s8, tw, tws, lr8, up))]

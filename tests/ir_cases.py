@@ -25,7 +25,8 @@ PROPERTIES = {
                            lambda r: r["loop_div"] * 4 <= r["loop_cvt_bf16_to_f32"]),
     "register_weight": ("the dot's left operand (the decoded weight) from registers; nothing stored to shared "
                         "memory by the main loop but async copies (no tile, no layout conversion)",
-                        lambda r: r["loop_dot_reg_a"] > 0 and r["loop_local_alloc_tensor"] == 0 and r["loop_st_shared"] == 0),
+                        lambda r: r["loop_dot_reg_a"] > 0 and r["loop_local_alloc_tensor"] == 0
+                        and r["loop_st_shared"] == 0),
     "register_weight_scaled": ("register_weight, except one shared-memory store per per-row scale/zero vector "
                                "changing layout (at most 2): the decoded tile itself never goes through shared memory",
                                lambda r: r["loop_dot_reg_a"] > 0 and r["loop_local_alloc_tensor"] == 0
@@ -95,7 +96,6 @@ def cases(arch: str) -> list:
     ternary, wonly = _mod("triton_ternary"), _mod("triton_wonly")
     act_types = dict(x_ptr=BF, rsmooth_ptr=F32, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=BF, M=I32, K=I32, R=I32, M_KEY=I32)
     wonly_types = dict(x_ptr=BF, w_ptr=U8, ws_ptr=BF, wz_ptr=BF, out_ptr=BF, **lowrank, **sizes)
-    small_rows = lambda v, c: {"wgmma": "tiles under 64 token rows take mma.sync (issue 16)"} if c["BLOCK_M"] < 64 else {}
     out = []
     out += _family("act_int4", "triton_act", "_act_int4_kernel",
                    dict(act_types, part_ptr=F32, cnt_ptr="*i32", U_FROM=I32, NSPLIT=I32),
@@ -113,16 +113,20 @@ def cases(arch: str) -> list:
     out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias splitk": flags},
                    [c for c in w4a4.CONFIGS if c["BLOCK_M"] <= w4a4.SMALL_M], GEMM_CHECKS + ("no_int_to_float",),
                    only_first=first)
-    out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel",
-                   dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, **lowrank, **sizes),
-                   {"lr+bias": dict(HAS_LR=True, HAS_BIAS=True, BLOCK_R=32)}, ternary.CONFIGS, only_first=first,
-                   xfail=small_rows)
+    int8_types = dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr="*i32", cnt_ptr="*i32",
+                      NSPLIT=I32, **lowrank, **sizes)
+    int8_flags = dict(HAS_LR=True, HAS_BIAS=True, BLOCK_R=32, EVEN_K=True)
+    out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel", int8_types,
+                   {"lr+bias": dict(int8_flags, NSPLIT=1)}, ternary.CONFIGS, WONLY_CHECKS["ternary"], only_first=first)
+    out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel", int8_types, {"lr+bias splitk": int8_flags},
+                   [c for c in ternary.CONFIGS if c["BLOCK_M"] <= ternary.SMALL_M], WONLY_CHECKS["ternary"],
+                   only_first=first)
     wonly_types = dict(wonly_types, part_ptr=F32, cnt_ptr="*i32", NSPLIT=I32)
-    variants = {"w4a16": {"w4a16 z": dict(TERNARY=False, HAS_Z=True, HAS_LR=False, HAS_BIAS=True, GS=64, BLOCK_R=16),
-                          "w4a16 z g128": dict(TERNARY=False, HAS_Z=True, HAS_LR=False, HAS_BIAS=True, GS=128, BLOCK_R=16),
-                          "w4a16": dict(TERNARY=False, HAS_Z=False, HAS_LR=False, HAS_BIAS=True, GS=64, BLOCK_R=16),
-                          "w4a16 g128": dict(TERNARY=False, HAS_Z=False, HAS_LR=False, HAS_BIAS=True, GS=128, BLOCK_R=16)},
-                "ternary": {"ternary": dict(TERNARY=True, HAS_Z=False, HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32)}}
+    w4 = dict(EVEN_K=True, TERNARY=False, HAS_LR=False, HAS_BIAS=True, BLOCK_R=16)
+    variants = {"w4a16": {"w4a16 z": dict(w4, HAS_Z=True, GS=64), "w4a16 z g128": dict(w4, HAS_Z=True, GS=128),
+                          "w4a16": dict(w4, HAS_Z=False, GS=64), "w4a16 g128": dict(w4, HAS_Z=False, GS=128)},
+                "ternary": {"ternary": dict(EVEN_K=True, TERNARY=True, HAS_Z=False, HAS_LR=True, HAS_BIAS=True, GS=64,
+                                            BLOCK_R=32)}}
     for fmt, by_size in wonly.CONFIGS.items():
         out += _family("wonly_small", "triton_wonly", "_wonly_kernel", wonly_types, variants[fmt], by_size["small"],
                        WONLY_CHECKS[fmt], only_first=first)

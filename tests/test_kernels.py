@@ -233,11 +233,13 @@ def test_wonly_dequant_path(monkeypatch, dtype, fmt, zeros, rank):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,rank", [(1, 48, 192, 16), (33, 40, 320, 48)])
+@pytest.mark.parametrize("m,n,k,rank", [(1, 48, 192, 16), (5, 40, 576, 48), (33, 40, 320, 48), (70, 24, 256, 0)])
 def test_ternary_int8_gemm(dtype, m, n, k, rank):
+    """M = 5, K = 576: K split over 2 programs (int32 partials); M = 70: many-token tiles."""
     g = gen(6)
     x = rand(m, k, dtype=dtype, g=g)
-    down, up = rand(k, rank, dtype=dtype, g=g, scale=0.1), rand(n, rank, dtype=dtype, g=g, scale=0.1)
+    down, up = (rand(k, rank, dtype=dtype, g=g, scale=0.1), rand(n, rank, dtype=dtype, g=g, scale=0.1)) if rank \
+        else (None, None)
     q, s, lr = triton_ops.quantize_act_int8(x, down)
     tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
     bias = rand(n, dtype=dtype, g=g)

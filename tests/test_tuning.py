@@ -122,7 +122,8 @@ def test_weight_only_path_from_the_table(table_dir, monkeypatch, path):
     qw = pack_int4(torch.randint(-8, 8, (n, k), generator=g))
     ws = (torch.rand(k // 64, n, generator=g) * 0.05).to(torch.bfloat16)
     fields = triton_wonly.table_fields("w4a16", n, k, m, 64, False, 0)
-    (table_dir / "cpu.json").write_text(json.dumps({"kernels": {"w4a16_path": {tuning.shape_key(**fields): {"path": path}}}}))
+    entry = {"w4a16_path": {tuning.shape_key(**fields): {"path": path}}}
+    (table_dir / "cpu.json").write_text(json.dumps({"kernels": entry}))
     calls = []
     orig = triton_wonly._dequant_gemm
     monkeypatch.setattr(triton_wonly, "_dequant_gemm", lambda *a: calls.append(1) or orig(*a))
