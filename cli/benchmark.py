@@ -36,6 +36,10 @@ SMALL_MS = (1, 64)
 RANK = 32
 
 
+T5_SHAPES = [("t5.attn", 4096, 4096, False), ("t5.ff_in", 10240, 4096, False), ("t5.ff_out", 4096, 10240, False)]
+T5_FORMATS = ("w4a16",)  # T5-XXL's linears are only ever W4A16
+
+
 def layer_shapes(hidden: int = 3072, mlp_ratio: float = 4.0) -> list:
     """[(name, N, K, block)] of the FLUX linears; block=False for the modulation layers (W4A16 in the model,
     one token per sample), which are listed but left out of the geometric means."""
@@ -201,6 +205,8 @@ def bench_layers(device, ms, formats, shapes, warmup, runs, rank=RANK, log=print
             except Exception as e:  # noqa: BLE001 - an unsupported torch build is reported, not fatal
                 rows.append(dict(shape=name, n=n, k=k, m=None, block=block, impl="fp8", error=repr(e)))
         for fmt in formats:
+            if name.startswith("t5.") and fmt not in T5_FORMATS:
+                continue
             layer = random_layer(fmt, n, k, rank, device, unsigned=name == "mlp.2", seed=si)
             makers[fmt] = lambda x, layer=layer: lambda: layer(x)
         for m in ms:
@@ -413,7 +419,9 @@ def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_fo
              f"lowbit layers include activation quantization and the rank-{rank} low-rank branch (w4a16: none); "
              "packed tensors are random (no quantizer run)",
              "w4a4 = SVDQuant W4A4 (mlp.2 with unsigned activations), w4a16 = int4 weights / 16-bit activations "
-             "(group 64), ternary = 1.58-bit weights / 16-bit activations, ternary_int8 = with int8 activations"]
+             "(group 64), ternary = 1.58-bit weights / 16-bit activations, ternary_int8 = with int8 activations",
+             "mod.* (FLUX modulation) and t5.* (T5-XXL encoder, w4a16 only; 512 tokens per prompt) rows are left out "
+             "of the geometric means"]
     notes.append(f"M <= {GRAPH_MAX_M}: " + ("each call timed as a CUDA-graph replay, BF16 and lowbit alike (launch "
                                            "overhead excluded); larger M eagerly" if device.type == "cuda" else
                                            "eager (no CUDA graphs off CUDA)") + "; each row's 'timing' says which")
@@ -427,7 +435,7 @@ def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_fo
               "layers": [], "geomean": {}, "model": []}
     if layers:
         log(f"layers on {env.get('gpu') or device} (kernels: {env['backend']})")
-        shapes = layer_shapes(config["hidden_size"], config["mlp_ratio"])
+        shapes = layer_shapes(config["hidden_size"], config["mlp_ratio"]) + ([] if small else T5_SHAPES)
         rows, geo = speedups(bench_layers(device, ms, formats, shapes, warmup, runs, rank, log))
         result["layers"], result["geomean"] = rows, geo
     if model:

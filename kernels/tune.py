@@ -1,6 +1,6 @@
 """Tune on this GPU: time every shipped config of the tuned kernels at the FLUX shapes and write the fastest per
 shape and token bucket to <out>/<gpu>.json (merged with the entries already there), the table tuning.py reads.
-`python -m comfyui_lowbit.kernels.tune [--out DIR] [--m 1 512 4096 4608] [--rank 32]`; `--tiny` runs small
+`python -m comfyui_lowbit.kernels.tune [--out DIR] [--m 1 512 4096 4608] [--rank 32] [--kernels K ..]`; `--tiny` runs small
 shapes (a smoke run, e.g. under TRITON_INTERPRET=1 on a CPU; its timings mean nothing)."""
 import argparse
 import contextlib
@@ -19,6 +19,8 @@ BLOCK_SHAPES = [("block", k, n) for name, k, n in FLUX_SHAPES if name != "mod.li
 # W4A16 (group 64): FLUX modulation (6h, 3h outputs) and T5-XXL (attention, feed-forward in and out)
 W4A16_SHAPES = [("w4a16", k, n) for k, n in ((3072, 18432), (3072, 9216), (4096, 4096), (4096, 10240), (10240, 4096))]
 TINY_SHAPES = [("block", 256, 64), ("w4a16", 256, 64)]
+W4A16_MAX_M = 1024  # modulation runs at batch-size tokens, T5 at 512 per prompt
+KERNELS = ("act_int4", "w4a4", "ternary", "ternary_int8", "w4a16")
 
 
 @contextlib.contextmanager
@@ -82,12 +84,16 @@ def _ops(kind, k, n, m, rank, device):
              lambda: triton_ternary.ternary_int8_gemm(q8, s8, tw, tws, lr8, up))]
 
 
-def tune(ms, shapes, rank, device) -> dict:
-    """{kernel: {shape key: fastest config + its time in us}}."""
+def tune(ms, shapes, rank, device, kernels=None) -> dict:
+    """{kernel: {shape key: fastest config + its time in us}} (kernels: the names to tune, default all)."""
     found = {}
     for kind, k, n in shapes:
         for m in ms:
+            if kind == "w4a16" and m > W4A16_MAX_M:
+                continue
             for name, fields, cfgs, fn in _ops(kind, k, n, m, rank, device):
+                if kernels and name.removesuffix("_path") not in kernels:
+                    continue
                 key = tuning.shape_key(**fields)
                 if key in found.setdefault(name, {}):
                     continue
@@ -123,13 +129,15 @@ def main(argv=None):
     p.add_argument("--out", help="folder for <gpu>.json (default: the package's kernels/configs on a GPU)")
     p.add_argument("--m", type=int, nargs="+", default=[1, 512, 4096, 4608])
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, help="kernels to tune (default all; a weight-only "
+                   "kernel's fused-or-dequant path with it)")
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not (a.tiny and a.out):
         raise SystemExit("tune: no GPU; use --tiny --out DIR under TRITON_INTERPRET=1 for a smoke run")
     found = tune([min(m, 40) for m in a.m] if a.tiny else a.m, TINY_SHAPES if a.tiny else BLOCK_SHAPES + W4A16_SHAPES,
-                 16 if a.tiny else a.rank, device)
+                 16 if a.tiny else a.rank, device, a.kernels)
     write(found, os.path.join(a.out or tuning.CONFIG_DIR, tuning.gpu_key(device) + ".json"), device)
 
 

@@ -383,7 +383,38 @@ def test_gpu_w4a16_flux_modulation(m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 1024])
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("m,zeros,gs", [(1, True, 128), (512, True, 128), (512, False, 64), (4608, False, 64)])
+def test_gpu_w4a16_t5_paths(monkeypatch, path, m, zeros, gs):
+    """T5-XXL's feed-forward input (4096 -> 10240) through both weight-only paths (the table picks one)."""
+    from comfyui_lowbit.kernels import triton_wonly
+
+    _gpu_ready()
+    monkeypatch.setattr(triton_wonly, "wonly_path", lambda *a: path)
+    g, dt, k, n = gen(16), torch.bfloat16, 4096, 10240
+    x = rand(m, k, dtype=dt, g=g)
+    qw, ws = int4_weight(n, k, g), rand(k // gs, n, dtype=dt, g=g, scale=0.02)
+    wz = rand(k // gs, n, dtype=dt, g=g, scale=0.01) if zeros else None
+    close(triton_ops.w4a16_gemm(x, qw, ws, wz), ref.w4a16_gemm(x, qw, ws, wz))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("m", [1, 16, 4608])
+def test_gpu_ternary_flux_qkv_paths(monkeypatch, path, m):
+    from comfyui_lowbit.kernels import triton_wonly
+
+    _gpu_ready()
+    monkeypatch.setattr(triton_wonly, "wonly_path", lambda *a: path)
+    g, dt, k, n, r = gen(17), torch.bfloat16, 3072, 9216, 32
+    x = rand(m, k, dtype=dt, g=g)
+    lr, up = rand(m, r, dtype=dt, g=g), rand(n, r, dtype=dt, g=g, scale=0.05)
+    tw, ws, bias = ternary_weight(n, k, g), rand(n, dtype=dt, g=g, scale=0.01).abs(), rand(n, dtype=dt, g=g)
+    close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 1024])
 def test_gpu_ternary_flux_linear2(m):
     _gpu_ready()
     g, dt, k, n, r = gen(12), torch.bfloat16, 15360, 3072, 64
