@@ -24,15 +24,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the lowbit layers and a whole FLUX transformer against BF16",
                        description="Latency of every FLUX.1-dev linear shape (W4A4, W4A16, ternary, ternary with "
                                    "int8 activations, each with its activation quantization and low-rank branch) "
-                                   "against F.linear BF16 and row-wise FP8, and of one forward of a FLUX.1-dev-shaped "
-                                   "transformer (random weights) at 1024x1024. Needs a CUDA GPU unless --small.")
+                                   "against F.linear BF16 and row-wise FP8 (with and without its activation "
+                                   "quantization), M <= 64 as CUDA-graph replays on both sides, and of one forward of "
+                                   "a FLUX.1-dev-shaped transformer (random weights) at 1024x1024. Needs a CUDA GPU "
+                                   "unless --small.")
     p.add_argument("--small", action="store_true",
                    help="reduced shapes and model (hidden 256), a few runs: runs anywhere (CPU: reference kernels)")
     p.add_argument("--out", metavar="DIR", default=None, help="write DIR/bench.json and DIR/bench.md")
     p.add_argument("--force", action="store_true", help="overwrite existing bench.json / bench.md in --out")
     p.add_argument("--device", type=device, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--m", type=_csv(int), default=None, metavar="M,M,...",
-                   help="token counts for the layer benchmark (default 1,256,4608,9216; --small: 1,64)")
+                   help="token counts for the layer benchmark (default 1,256,512,4608,9216; --small: 1,64)")
     p.add_argument("--formats", type=_csv(str, LAYER_FORMATS), default=list(LAYER_FORMATS), metavar="F,F,...",
                    help=f"layer formats (default {','.join(LAYER_FORMATS)})")
     p.add_argument("--model-formats", type=_csv(str, MODEL_FORMATS), default=list(MODEL_FORMATS), metavar="F,F,...",

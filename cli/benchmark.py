@@ -3,8 +3,10 @@
 Per layer: every FLUX.1-dev linear shape at several token counts M; each lowbit row times the whole
 layer as the model runs it (activation quantization + low-rank branch + GEMM). Whole model: one forward
 of a FLUX.1-dev-shaped transformer with seeded random weights at 1024x1024 (4096 + 512 tokens).
-GPU timings use CUDA events (warm-up, then the median of `runs` runs); CPU timings use perf_counter.
-`--small` shrinks everything so the harness runs anywhere (the reference kernels on CPU).
+GPU timings use CUDA events (warm-up, then the median of `runs` runs); CPU timings use perf_counter. Layers
+at M <= GRAPH_MAX_M are timed as CUDA-graph replays on both sides (BF16 and lowbit), so kernel-launch
+overhead is not what is measured; larger M eagerly. `--small` shrinks everything so the harness runs
+anywhere (the reference kernels on CPU, eagerly).
 """
 import json
 import math
@@ -28,9 +30,14 @@ SMALL_CONFIG = dict(FLUX_DEV_CONFIG, context_in_dim=256, hidden_size=256, num_he
 
 LAYER_FORMATS = ("w4a4", "w4a16", "ternary", "ternary_int8")
 MODEL_FORMATS = ("bf16", "svdq_w4a4", "ternary")
-FULL_MS = (1, 256, 4608, 9216)
+FULL_MS = (1, 256, 512, 4608, 9216)
+GRAPH_MAX_M = 64
 SMALL_MS = (1, 64)
 RANK = 32
+
+
+T5_SHAPES = [("t5.attn", 4096, 4096, False), ("t5.ff_in", 10240, 4096, False), ("t5.ff_out", 4096, 10240, False)]
+T5_FORMATS = ("w4a16",)  # T5-XXL's linears are only ever W4A16
 
 
 def layer_shapes(hidden: int = 3072, mlp_ratio: float = 4.0) -> list:
@@ -45,9 +52,32 @@ def layer_shapes(hidden: int = 3072, mlp_ratio: float = 4.0) -> list:
 # ---- timing -----------------------------------------------------------------------------------------------
 
 
-def time_ms(fn, device: torch.device, warmup: int, runs: int) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
+def cuda_graph(fn, device: torch.device, warmup: int):
+    """fn captured in a CUDA graph, returned as its replay: warm-up runs (autotuning, lazy allocations) on a side
+    stream first, as PyTorch documents for capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 2)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_ms(fn, device: torch.device, warmup: int, runs: int, graph: bool = False) -> tuple[float, str]:
+    """(median wall time of fn() in milliseconds, how it was timed): CUDA events on a GPU, as CUDA-graph replays
+    when `graph` (eager if the capture fails: the reason is in the returned string); perf_counter on a CPU."""
+    how = "eager"
     with torch.no_grad():
+        if graph and device.type == "cuda":
+            try:
+                fn, how = cuda_graph(fn, device, warmup), "cuda_graph"
+            except Exception as e:  # noqa: BLE001 - not capturable: timed eagerly, reported
+                torch.cuda.synchronize(device)
+                how = f"eager (graph capture failed: {type(e).__name__}: {str(e)[:120]})"
         for _ in range(warmup):
             fn()
         times = []
@@ -65,7 +95,7 @@ def time_ms(fn, device: torch.device, warmup: int, runs: int) -> float:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), how
 
 
 def environment(device: torch.device) -> dict:
@@ -120,23 +150,22 @@ def random_layer(fmt: str, n: int, k: int, rank: int, device, unsigned=False, se
     return module_from_packed(p)
 
 
-def _fp8_linear(w: torch.Tensor, b: torch.Tensor):
-    """Row-wise FP8 (e4m3) linear with dynamic per-token activation scales through torch._scaled_mm.
-    M is padded to a multiple of 16 (a _scaled_mm requirement)."""
+def _fp8_quantize(t: torch.Tensor):
+    """Row-wise e4m3: (codes, float32 scales (rows, 1)) with scale = absmax / 448."""
     f8 = torch.float8_e4m3fn
-    fmax = torch.finfo(f8).max
-    ws = w.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / fmax
-    wq = (w.float() / ws).to(f8)
-    ws = ws.t().contiguous()  # (1, N)
+    scale = t.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / torch.finfo(f8).max
+    return (t.float() / scale).to(f8), scale
 
+
+def _fp8_linear(w: torch.Tensor, b: torch.Tensor, quantize_x: bool = True):
+    """Row-wise FP8 (e4m3) linear through torch._scaled_mm. quantize_x: x -> y with the dynamic per-token
+    activation quantization timed too; otherwise a factory x -> (() -> y) that quantizes x once, outside
+    the timed call (the GEMM alone). M is padded to a multiple of 16 (a _scaled_mm requirement)."""
+    wq, ws = _fp8_quantize(w)
+    ws = ws.t().contiguous()  # (1, N)
     fused_bias = [True]
 
-    def run(x):
-        m = x.shape[0]
-        if m % 16:
-            x = F.pad(x, (0, 0, 0, 16 - m % 16))
-        xs = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / fmax
-        xq = (x.float() / xs).to(f8)
+    def mm(xq, xs, m):
         if fused_bias[0]:
             try:
                 return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=torch.bfloat16)[:m]
@@ -144,53 +173,73 @@ def _fp8_linear(w: torch.Tensor, b: torch.Tensor):
                 fused_bias[0] = False
         return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)[:m] + b
 
-    return run
+    def prepare(x):
+        m = x.shape[0]
+        return (*_fp8_quantize(F.pad(x, (0, 0, 0, -m % 16))), m)
+
+    if quantize_x:
+        return lambda x: mm(*prepare(x))
+
+    def factory(x):
+        xq, xs, m = prepare(x)
+        return lambda: mm(xq, xs, m)
+
+    return factory
 
 
 def bench_layers(device, ms, formats, shapes, warmup, runs, rank=RANK, log=print) -> list:
-    """Rows {shape, n, k, m, block, impl, ms | error}; impl in bf16, fp8 (when available) and `formats`."""
+    """Rows {shape, n, k, m, block, impl, ms, timing | error}; impl in bf16, fp8 (with its activation
+    quantization) and fp8_mm (the GEMM on pre-quantized operands) when available, and `formats`."""
     rows = []
     fp8 = has_fp8(device)
     for si, (name, n, k, block) in enumerate(shapes):
         g = torch.Generator(device=device).manual_seed(si)
         w = (torch.randn(n, k, generator=g, device=device) * k ** -0.5).to(torch.bfloat16)
         b = (0.02 * torch.randn(n, generator=g, device=device)).to(torch.bfloat16)
-        impls = {"bf16": lambda x: F.linear(x, w, b)}
+        makers = {"bf16": lambda x: lambda: F.linear(x, w, b)}  # impl -> (x -> the call to time)
         if fp8:
             try:
-                impls["fp8"] = _fp8_linear(w, b)
+                run_fp8, fp8_mm = _fp8_linear(w, b), _fp8_linear(w, b, quantize_x=False)
+                makers["fp8"] = lambda x: lambda: run_fp8(x)
+                makers["fp8_mm"] = fp8_mm
             except Exception as e:  # noqa: BLE001 - an unsupported torch build is reported, not fatal
                 rows.append(dict(shape=name, n=n, k=k, m=None, block=block, impl="fp8", error=repr(e)))
         for fmt in formats:
-            impls[fmt] = random_layer(fmt, n, k, rank, device, unsigned=name == "mlp.2", seed=si)
+            if name.startswith("t5.") and fmt not in T5_FORMATS:
+                continue
+            layer = random_layer(fmt, n, k, rank, device, unsigned=name == "mlp.2", seed=si)
+            makers[fmt] = lambda x, layer=layer: lambda: layer(x)
         for m in ms:
             x = torch.randn(m, k, generator=g, device=device).to(torch.bfloat16)
             if name == "mlp.2":
                 x = F.gelu(x, approximate="tanh")
-            for impl, fn in impls.items():
+            for impl, make in makers.items():
                 row = dict(shape=name, n=n, k=k, m=m, block=block, impl=impl)
                 try:
-                    row["ms"] = time_ms(lambda: fn(x), device, warmup, runs)
+                    row["ms"], row["timing"] = time_ms(make(x), device, warmup, runs, graph=m <= GRAPH_MAX_M)
                 except Exception as e:  # noqa: BLE001 - record and go on; the table shows it
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)
                 log(f"  {name:11s} N={n:6d} K={k:6d} M={m:5d} {impl:13s} "
-                    + (f"{row['ms']:9.4f} ms" if "ms" in row else row["error"]))
-        del impls, w, b
+                    + (f"{row['ms']:9.4f} ms ({row['timing']})" if "ms" in row else row["error"]))
+        del makers, w, b
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
+BASELINES = ("bf16", "fp8", "fp8_mm")
+
+
 def speedups(rows: list) -> tuple[list, dict]:
-    """Adds speedup_vs_bf16 / speedup_vs_fp8 (= baseline ms / ms, > 1 is faster) to the lowbit rows and
+    """Adds speedup_vs_bf16 / _vs_fp8 / _vs_fp8_mm (= baseline ms / ms, > 1 is faster) to the lowbit rows and
     returns (rows, geomean) with geomean[impl][m] over the block shapes."""
-    base = {(r["shape"], r["m"], r["impl"]): r["ms"] for r in rows if "ms" in r and r["impl"] in ("bf16", "fp8")}
+    base = {(r["shape"], r["m"], r["impl"]): r["ms"] for r in rows if "ms" in r and r["impl"] in BASELINES}
     acc = {}
     for r in rows:
-        if "ms" not in r or r["impl"] in ("bf16", "fp8"):
+        if "ms" not in r or r["impl"] in BASELINES:
             continue
-        for ref in ("bf16", "fp8"):
+        for ref in BASELINES:
             t = base.get((r["shape"], r["m"], ref))
             if t:
                 r[f"speedup_vs_{ref}"] = t / r["ms"]
@@ -225,7 +274,7 @@ def bench_model(device, config, formats, tokens_hw, txt_len, warmup, runs, rank=
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
                 before = torch.cuda.memory_allocated(device)
-            row["ms"] = time_ms(lambda: model(**inputs), device, warmup, runs)
+            row["ms"], _ = time_ms(lambda: model(**inputs), device, warmup, runs)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 with torch.no_grad():
@@ -269,7 +318,7 @@ def markdown(result: dict) -> str:
     rows = result["layers"]
     if rows:
         impls = list(dict.fromkeys(r["impl"] for r in rows if r["m"] is not None))
-        lowbit = [i for i in impls if i not in ("bf16", "fp8")]
+        lowbit = [i for i in impls if i not in BASELINES]
         lines += ["## Layers (median ms; x = speedup vs BF16, > 1 is faster)", "",
                   "| layer | N | K | M | " + " | ".join(impls) + " |",
                   "|---|---:|---:|---:|" + "---:|" * len(impls)]
@@ -370,17 +419,23 @@ def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_fo
              f"lowbit layers include activation quantization and the rank-{rank} low-rank branch (w4a16: none); "
              "packed tensors are random (no quantizer run)",
              "w4a4 = SVDQuant W4A4 (mlp.2 with unsigned activations), w4a16 = int4 weights / 16-bit activations "
-             "(group 64), ternary = 1.58-bit weights / 16-bit activations, ternary_int8 = with int8 activations"]
+             "(group 64), ternary = 1.58-bit weights / 16-bit activations, ternary_int8 = with int8 activations",
+             "mod.* (FLUX modulation) and t5.* (T5-XXL encoder, w4a16 only; 512 tokens per prompt) rows are left out "
+             "of the geometric means"]
+    notes.append(f"M <= {GRAPH_MAX_M}: " + ("each call timed as a CUDA-graph replay, BF16 and lowbit alike (launch "
+                                           "overhead excluded); larger M eagerly" if device.type == "cuda" else
+                                           "eager (no CUDA graphs off CUDA)") + "; each row's 'timing' says which")
     if has_fp8(device):
         notes.append("fp8 = e4m3 row-wise torch._scaled_mm including the dynamic per-token activation "
-                     "quantization; M padded to a multiple of 16")
+                     "quantization; fp8_mm = the _scaled_mm call alone on pre-quantized operands; M padded to a "
+                     "multiple of 16")
     else:
         notes.append("fp8: not measured (needs a CUDA GPU with sm_89 or newer)")
     result = {"version": 1, "small": small, "env": env, "config": config, "rank": rank, "notes": notes,
               "layers": [], "geomean": {}, "model": []}
     if layers:
         log(f"layers on {env.get('gpu') or device} (kernels: {env['backend']})")
-        shapes = layer_shapes(config["hidden_size"], config["mlp_ratio"])
+        shapes = layer_shapes(config["hidden_size"], config["mlp_ratio"]) + ([] if small else T5_SHAPES)
         rows, geo = speedups(bench_layers(device, ms, formats, shapes, warmup, runs, rank, log))
         result["layers"], result["geomean"] = rows, geo
     if model:

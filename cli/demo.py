@@ -37,7 +37,7 @@ def _forward_ms(model, inputs, device, runs):
     from .benchmark import time_ms
 
     # on CPU the error forward just before is the warm-up
-    return time_ms(lambda: model(**inputs), device, warmup=1 if device.type == "cuda" else 0, runs=runs)
+    return time_ms(lambda: model(**inputs), device, warmup=1 if device.type == "cuda" else 0, runs=runs)[0]
 
 
 @contextlib.contextmanager

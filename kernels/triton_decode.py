@@ -8,6 +8,8 @@ the JIT sees it divisible by 16: 16-byte vector loads, which the pipeliner turns
 import triton
 import triton.language as tl
 
+from .triton_common import cast
+
 INT4_PER_BYTE = tl.constexpr(2)
 TERNARY_PER_BYTE = tl.constexpr(4)
 TERNARY_ZEROS = tl.constexpr(0x55)  # a byte of four ternary zeros (stored as value + 1)
@@ -108,3 +110,123 @@ def _ternary_e4m3_field(x):
     mag = ~x & 0x01010101
     neg = ~x & ~(x >> 1) & 0x01010101
     return (mag << 3) | (neg << 7)
+
+
+# ---- decoders for the weight on the left of a tensor-core dot, in fragment order -------------------------
+# A dot's left operand lives in registers: per 16 (8-bit: 32) k, lane q of each quad holds UNIT consecutive k
+# at 2 (4) positions: UNIT = 2 for 16-bit operands, 4 for 8-bit ones. The *_dot decoders return the tile
+# permuted along K so that lane q's UNITs are the K-contiguous bytes q*BK/16 .. (q+1)*BK/16 of each row,
+# i.e. one 16-byte word load per row at BLOCK_K = 128 (int4) / 256 (ternary); the decoded values then
+# sit in the registers the dot reads, with no shuffle or shared-memory round trip. The other operand must be
+# read in the same K order: its k0 + dot_k_order(BLOCK_K, UNIT) (UNIT-long runs, 4- or 2-byte copies).
+# Integer codes become 16-bit floats exactly with a bit trick instead of an int -> float conversion: the code
+# c goes into the low mantissa bits of 2^7 (bf16) / 2^10 (fp16), i.e. the float 2^7 + c, minus 2^7 + bias.
+
+@triton.jit
+def dot_k_order(BLOCK_K: tl.constexpr, UNIT: tl.constexpr):
+    """Physical k (0 .. BLOCK_K) of each logical k of a tile decoded by the *_dot decoders."""
+    L = tl.arange(0, BLOCK_K)
+    RUN: tl.constexpr = 4 * UNIT
+    return UNIT * ((BLOCK_K // RUN) * ((L // UNIT) % 4) + L // RUN) + L % UNIT
+
+
+@triton.jit
+def load_words(w_ptr, offs_n, kw, row_words, N, WORDS: tl.constexpr):
+    """(BLOCK_N, WORDS) int32: packed words kw .. kw + WORDS (4 bytes each, little-endian) of rows offs_n of an
+    (N, row_words) word matrix; 0 outside. Pass row_words as its own argument (divisible by 4: 16-byte loads)."""
+    offs_w = kw + tl.arange(0, WORDS)
+    ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * row_words + offs_w[None, :]
+    return tl.load(ptrs, mask=(offs_n[:, None] < N) & (offs_w[None, :] < row_words), other=0)
+
+
+@triton.jit
+def _halves(v, cdt: tl.constexpr):
+    """int32 (...) -> cdt (..., 2): its low and high 16 bits as two 16-bit floats."""
+    return tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).to(cdt, bitcast=True)
+
+
+@triton.jit
+def _magic(cdt: tl.constexpr):
+    """Two 16-bit copies of 2^7 (bf16) / 2^10 (fp16), whose mantissa units are 1."""
+    return 0x43004300 if cdt == tl.bfloat16 else 0x64006400
+
+
+@triton.jit
+def _order(d, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_WORD: tl.constexpr, UNIT: tl.constexpr,
+           DOT_ORDER: tl.constexpr):
+    """(BLOCK_N, words, ...) decoded in K order -> (BLOCK_N, BLOCK_K), in dot_k_order if DOT_ORDER."""
+    if DOT_ORDER:
+        W: tl.constexpr = BLOCK_K // PER_WORD // 4  # words per lane
+        d = d.reshape(BLOCK_N, 4, W * PER_WORD // UNIT, UNIT).permute(0, 2, 1, 3)
+    return d.reshape(BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def int4_tile(words, s, z, cdt: tl.constexpr, HAS_Z: tl.constexpr, DOT_ORDER: tl.constexpr, UPCAST: tl.constexpr):
+    """int4 words (BLOCK_N, BLOCK_K / 8) -> (BLOCK_N, BLOCK_K) weights q * s (+ z) rounded once to cdt
+    (reference.dequant_int4), in dot_k_order(BLOCK_K, 2) if DOT_ORDER else in K order. s, z: (BLOCK_N, NG)
+    scales/zeros of the NG groups the tile spans. UPCAST: float32 math (the interpreter's 16-bit math is wrong)."""
+    BN: tl.constexpr = words.shape[0]
+    NG: tl.constexpr = s.shape[1]
+    w = (words ^ -2004318072).reshape(BN, NG, words.shape[1] // NG)  # ^0x88888888: nibble -> q + 8 in 0..15
+    m = _magic(cdt)
+    # pair j = 2u + b of each word: nibbles j (byte u) and j + 4 (byte 2 + u) in one 32-bit register
+    j0 = _halves(((w >> 0) & 0x000F000F) | m, cdt)
+    j1 = _halves(((w >> 4) & 0x000F000F) | m, cdt)
+    j2 = _halves(((w >> 8) & 0x000F000F) | m, cdt)
+    j3 = _halves(((w >> 12) & 0x000F000F) | m, cdt)
+    d = tl.join(tl.join(j0, j2), tl.join(j1, j3))  # (..., part, u, b): byte 2 part + u, nibble b
+    off: tl.constexpr = 136.0 if cdt == tl.bfloat16 else 1032.0  # 2^7 + 8 / 2^10 + 8
+    sb = s[:, :, None, None, None, None]
+    if HAS_Z or UPCAST:
+        v = (d.to(tl.float32) - off) * sb.to(tl.float32)  # exact (4-bit x 16-bit product): an FMA is safe
+        if HAS_Z:
+            v = v + z[:, :, None, None, None, None].to(tl.float32)
+        d = cast(v, cdt)
+    else:
+        d = (d - off) * sb  # exact subtract, one rounding of the exact product
+    return _order(d, BN, words.shape[1] * 8, 8, 2, DOT_ORDER)
+
+
+@triton.jit
+def ternary_tile(words, cdt: tl.constexpr, DOT_ORDER: tl.constexpr, UPCAST: tl.constexpr):
+    """ternary words (BLOCK_N, BLOCK_K / 16) -> (BLOCK_N, BLOCK_K) values in {-1, 0, 1} in cdt, in
+    dot_k_order(BLOCK_K, 2) if DOT_ORDER else in K order."""
+    BN: tl.constexpr = words.shape[0]
+    m = _magic(cdt)
+    # j = 0..7: elements j (low half) and j + 8 (high half) of each word; element e is unit e // 2, b = e % 2
+    j0 = _halves(((words >> 0) & 0x00030003) | m, cdt)
+    j1 = _halves(((words >> 2) & 0x00030003) | m, cdt)
+    j2 = _halves(((words >> 4) & 0x00030003) | m, cdt)
+    j3 = _halves(((words >> 6) & 0x00030003) | m, cdt)
+    j4 = _halves(((words >> 8) & 0x00030003) | m, cdt)
+    j5 = _halves(((words >> 10) & 0x00030003) | m, cdt)
+    j6 = _halves(((words >> 12) & 0x00030003) | m, cdt)
+    j7 = _halves(((words >> 14) & 0x00030003) | m, cdt)
+    # unit c = 2 c1 + c0 of a half: elements 2c + b; join order (part, c1, c0, b)
+    even = tl.join(tl.join(j0, j4), tl.join(j2, j6))
+    odd = tl.join(tl.join(j1, j5), tl.join(j3, j7))
+    d = tl.join(even, odd)
+    off: tl.constexpr = 129.0 if cdt == tl.bfloat16 else 1025.0  # stored value + 1
+    if UPCAST:
+        d = (d.to(tl.float32) - off).to(cdt)  # exact
+    else:
+        d = d - off
+    return _order(d, BN, words.shape[1] * 16, 16, 2, DOT_ORDER)
+
+
+@triton.jit
+def ternary_tile_i8(words, DOT_ORDER: tl.constexpr):
+    """ternary words (BLOCK_N, BLOCK_K / 16) -> (BLOCK_N, BLOCK_K) int8 in {-1, 0, 1}, in dot_k_order(BLOCK_K, 4)
+    (a unit is one stored byte) if DOT_ORDER else in K order."""
+    BN: tl.constexpr = words.shape[0]
+    # field j of every byte, as a byte: (u | 0x80) - 1 ^ 0x80 = u - 1 in each byte, no borrow between bytes
+    f0 = (((words & 0x03030303) | -2139062144) - 0x01010101) ^ -2139062144
+    f1 = ((((words >> 2) & 0x03030303) | -2139062144) - 0x01010101) ^ -2139062144
+    f2 = ((((words >> 4) & 0x03030303) | -2139062144) - 0x01010101) ^ -2139062144
+    f3 = ((((words >> 6) & 0x03030303) | -2139062144) - 0x01010101) ^ -2139062144
+    d = tl.join(tl.join(f0, f2), tl.join(f1, f3))  # (..., c1, c0): field 2 c1 + c0 of each byte
+    d = tl.join(tl.join(d.to(tl.int8), (d >> 16).to(tl.int8)), tl.join((d >> 8).to(tl.int8), (d >> 24).to(tl.int8)))
+    # (..., c1, c0, y1, y0): byte 2 y1 + y0 -> (..., y1, y0, c1, c0)
+    d = d.reshape(BN, words.shape[1], 4, 4).permute(0, 1, 3, 2)
+    return _order(d, BN, words.shape[1] * 16, 16, 4, DOT_ORDER)

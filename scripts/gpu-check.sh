@@ -33,9 +33,9 @@ fi
 export TRITON_DEFAULT_FP_FUSION=1
 if [ -n "$DRY" ]; then
     export TRITON_INTERPRET=1 CEIL_DEV=cpu CEIL_SMALL=1
-    TINY=--tiny BENCH="--small --runs 1 --warmup 0" BENCH_M=1,64 MODELS=bf16,svdq_w4a4 TABLES=$WORK/configs
+    TINY=--tiny BENCH="--small --runs 1 --warmup 0" BENCH_M=1,64 MODELS=bf16,svdq_w4a4 TABLES=$WORK/configs TUNE_M="1 40"
 else
-    TINY="" BENCH="" BENCH_M=1,512,4608 MODELS=bf16,svdq_w4a4,ternary TABLES=kernels/configs
+    TINY="" BENCH="" BENCH_M=1,512,4608 MODELS=bf16,svdq_w4a4,ternary TABLES=kernels/configs TUNE_M="1 512 4608"
 fi
 
 step() {  # step NAME SECONDS COMMAND...
@@ -56,14 +56,17 @@ step() {  # step NAME SECONDS COMMAND...
     echo "=== $name: $status (exit $rc, $((SECONDS - t0))s)" >> "$LOG"
 }
 
+# most wanted first: correctness, then the bench tables (autotune picks among <= 3 candidates without a
+# table), the ceilings; the tuning steps last (their table is for the next runs and for users)
 step env 30 bash -c "nvidia-smi || true; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")'; $PY -m pytest --version"
 step gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_kernels_fp8.py
-step tune 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_int4 w4a4 --out $TABLES && cp $TABLES/*.json $OUT/"
-step tune-fp8 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_fp8 fp8_int4 fp8_ternary --out $TABLES && cp $TABLES/*.json $OUT/"
-step kernel-timings 90 $PY -m comfyui_lowbit.kernels.bench_kernels $TINY --m 1 512 4608 --shapes attn.qkv linear1 linear2
 step bench-layers 150 bash -c "$PY scripts/lowbit.py bench $BENCH --m $BENCH_M --no-model --out $WORK/layers --force && cp $WORK/layers/bench.json $OUT/bench.json"
 step bench-model 150 bash -c "$PY scripts/lowbit.py bench $BENCH --no-layers --model-formats $MODELS --out $WORK/model --force && cp $WORK/model/bench.json $OUT/model.json"
+step kernel-timings 90 $PY -m comfyui_lowbit.kernels.bench_kernels $TINY --m 1 512 4608 --shapes attn.qkv linear1 linear2
 step ceilings 120 bash -c "test -f gpu_tools/gpu-ceilings.py || { echo 'gpu_tools/gpu-ceilings.py missing: copy it from ../shared/tools and carry gpu_tools'; exit 3; }; $PY gpu_tools/gpu-ceilings.py $OUT/ceilings.json"
+step tune 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_int4 w4a4 --out $TABLES && cp $TABLES/*.json $OUT/"
+step tune-fp8 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_fp8 fp8_int4 fp8_ternary --out $TABLES && cp $TABLES/*.json $OUT/"
+step tune-weight-only 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels ternary ternary_int8 w4a16 --m $TUNE_M --out $TABLES && cp $TABLES/*.json $OUT/"
 
 rm -rf "$WORK"
 echo "=== done in $((SECONDS - START))s" >> "$LOG"

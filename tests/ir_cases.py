@@ -23,8 +23,26 @@ PROPERTIES = {
                      lambda r: r["loop_16B_loads"] > 0 and r["loop_ld_global_b16"] == 0),
     "no_div_per_element": ("divisions per group or channel only: at most one per 4 input elements converted",
                            lambda r: r["loop_div"] * 4 <= r["loop_cvt_bf16_to_f32"]),
+    "register_weight": ("the dot's left operand (the decoded weight) from registers; nothing stored to shared "
+                        "memory by the main loop but async copies (no tile, no layout conversion)",
+                        lambda r: r["loop_dot_reg_a"] > 0 and r["loop_local_alloc_tensor"] == 0
+                        and r["loop_st_shared"] == 0),
+    "register_weight_scaled": ("register_weight, except one shared-memory store per per-row scale/zero vector "
+                               "changing layout (at most 2): the decoded tile itself never goes through shared memory",
+                               lambda r: r["loop_dot_reg_a"] > 0 and r["loop_local_alloc_tensor"] == 0
+                               and r["loop_st_shared"] <= 2),
+    "async_tiles": ("both dot operands copied asynchronously in the main loop; plain loads only of per-row vectors "
+                    "(scales, prefetched a step ahead)", lambda r: r["loop_async_copies"] >= 2
+                    and r["loop_cp_async"] + r["loop_tma"] > 0 and r["loop_sync_tile_loads"] == 0),
+    "weight_16B": ("16-byte copies (the packed weight) in the main loop", lambda r: r["loop_16B_loads"] > 0),
+    "vector_stores": ("no byte loads or int -> float conversions, 16-byte stores and no narrow ones",
+                      lambda r: r["ld_global_b8"] == 0 and r["cvt_int_to_float"] == 0 and r["st_global_16B"] > 0
+                      and r["st_global_narrow"] == 0),
 }
 GEMM_CHECKS = ("no_byte_loads", "async_operands", "wgmma", "no_spills")
+WONLY_CHECKS = {"ternary": GEMM_CHECKS + ("register_weight", "weight_16B", "no_int_to_float"),
+                "w4a16": ("no_byte_loads", "async_tiles", "wgmma", "no_spills", "register_weight_scaled", "weight_16B",
+                          "no_int_to_float")}
 ACT_CHECKS = ("vector_loads", "no_div_per_element", "no_spills")
 
 
@@ -55,6 +73,7 @@ def _meta(cfg):
 def _label(cfg):
     m = _meta(cfg)
     tiles = "x".join(str(m[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K") if k in m)
+    tiles += f" kb{m['KB']}" if "KB" in m else ""
     return f"{tiles} w{cfg.get('num_warps', 4)} s{cfg.get('num_stages', 2)}"
 
 
@@ -77,7 +96,6 @@ def cases(arch: str) -> list:
     ternary, wonly = _mod("triton_ternary"), _mod("triton_wonly")
     act_types = dict(x_ptr=BF, rsmooth_ptr=F32, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=BF, M=I32, K=I32, R=I32, M_KEY=I32)
     wonly_types = dict(x_ptr=BF, w_ptr=U8, ws_ptr=BF, wz_ptr=BF, out_ptr=BF, **lowrank, **sizes)
-    small_rows = lambda v, c: {"wgmma": "tiles under 64 token rows take mma.sync (issue 16)"} if c["BLOCK_M"] < 64 else {}
     out = []
     out += _family("act_int4", "triton_act", "_act_int4_kernel",
                    dict(act_types, part_ptr=F32, cnt_ptr="*i32", U_FROM=I32, NSPLIT=I32),
@@ -95,16 +113,31 @@ def cases(arch: str) -> list:
     out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias splitk": flags},
                    [c for c in w4a4.CONFIGS if c["BLOCK_M"] <= w4a4.SMALL_M], GEMM_CHECKS + ("no_int_to_float",),
                    only_first=first)
-    out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel",
-                   dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, **lowrank, **sizes),
-                   {"lr+bias": dict(HAS_LR=True, HAS_BIAS=True, BLOCK_R=32)}, ternary.CONFIGS, only_first=first,
-                   xfail=small_rows)
-    variants = {"w4a16": dict(TERNARY=False, HAS_Z=True, HAS_LR=False, HAS_BIAS=True, GS=64, BLOCK_R=16),
-                "ternary": dict(TERNARY=True, HAS_Z=False, HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32)}
-    out += _family("wonly_small", "triton_wonly", "_wonly_kernel", dict(wonly_types, out_ptr=F32),
-                   {k: dict(v, ATOMIC=True) for k, v in variants.items()}, wonly.SMALL_CONFIGS, only_first=first,
-                   xfail=small_rows)
-    out += _family("wonly_large", "triton_wonly", "_wonly_kernel", wonly_types,
-                   {k: dict(v, ATOMIC=False) for k, v in variants.items()}, wonly.LARGE_CONFIGS, only_first=first,
-                   xfail=small_rows)
+    int8_types = dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr="*i32", cnt_ptr="*i32",
+                      NSPLIT=I32, **lowrank, **sizes)
+    int8_flags = dict(HAS_LR=True, HAS_BIAS=True, BLOCK_R=32, EVEN_K=True)
+    out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel", int8_types,
+                   {"lr+bias": dict(int8_flags, NSPLIT=1)}, ternary.CONFIGS, WONLY_CHECKS["ternary"], only_first=first)
+    out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel", int8_types, {"lr+bias splitk": int8_flags},
+                   [c for c in ternary.CONFIGS if c["BLOCK_M"] <= ternary.SMALL_M], WONLY_CHECKS["ternary"],
+                   only_first=first)
+    wonly_types = dict(wonly_types, part_ptr=F32, cnt_ptr="*i32", NSPLIT=I32)
+    w4 = dict(EVEN_K=True, TERNARY=False, HAS_LR=False, HAS_BIAS=True, BLOCK_R=16)
+    variants = {"w4a16": {"w4a16 z": dict(w4, HAS_Z=True, GS=64), "w4a16 z g128": dict(w4, HAS_Z=True, GS=128),
+                          "w4a16": dict(w4, HAS_Z=False, GS=64), "w4a16 g128": dict(w4, HAS_Z=False, GS=128)},
+                "ternary": {"ternary": dict(EVEN_K=True, TERNARY=True, HAS_Z=False, HAS_LR=True, HAS_BIAS=True, GS=64,
+                                            BLOCK_R=32)}}
+    for fmt, by_size in wonly.CONFIGS.items():
+        out += _family("wonly_small", "triton_wonly", "_wonly_kernel", wonly_types, variants[fmt], by_size["small"],
+                       WONLY_CHECKS[fmt], only_first=first)
+        out += _family("wonly_large", "triton_wonly", "_wonly_kernel", wonly_types,
+                       {k: dict(v, NSPLIT=1) for k, v in variants[fmt].items()}, by_size["large"], WONLY_CHECKS[fmt],
+                       only_first=first)
+    out += _family("dequant", "triton_wonly", "_dequant_kernel",
+                   dict(w_ptr=U8, ws_ptr=BF, wz_ptr=BF, up_ptr=BF, out_ptr=BF, N=I32, K=I32, R=I32, W_ROW=I32,
+                        OUT_ROW=I32),
+                   {"w4a16 z": dict(TERNARY=False, HAS_Z=True, HAS_UP=False, GS=64, BLOCK_R=16),
+                    "ternary up": dict(TERNARY=True, HAS_Z=False, HAS_UP=True, GS=64, BLOCK_R=32)},
+                   [wonly.DEQUANT_CONFIG], ("vector_stores", "no_spills"),
+                   only_first=first)
     return out

@@ -109,6 +109,16 @@ def analyze(compiled, arch: str) -> dict:
         "loop_div": len(re.findall(r"\bdiv\.(?:rn|full|approx)\S*\.f32", loop)),
         "loop_cvt_bf16_to_f32": len(re.findall(r"cvt\.f32\.bf16", loop)),
         "loop_tma": len(re.findall(r"cp\.async\.bulk\.tensor", loop)),
+        # the dot's left operand from registers (a decoded tile), and no tile written to shared memory by the loop
+        "loop_dot_reg_a": len(re.findall(r"warp_group_dot %\S+, %\S+, %\S+[^\n]*: tensor<", tloop)),
+        "loop_local_alloc_tensor": len(re.findall(r"ttg\.local_alloc %", tloop)),
+        "loop_st_shared": len(re.findall(r"\bst\.shared", loop)),  # a layout conversion through shared memory
+        # synchronous loads of 2-D tiles (both dims >= 4), i.e. not of per-row vectors such as (rows, 1-2) scales
+        "loop_sync_tile_loads": len(re.findall(r"= tt\.load [^\n]*: tensor<(?:[4-9]|\d\d+)x(?:[4-9]|\d\d+)x!tt\.ptr", tloop)),
+        "ld_global_b8": len(re.findall(BYTE_LOAD, ptx)),
+        "cvt_int_to_float": len(re.findall(INT_TO_FLOAT, ptx)),
+        "st_global_16B": len(re.findall(r"st\.global(?:\.\w+)*\.v4\.[bfu]32", ptx)),
+        "st_global_narrow": len(re.findall(r"st\.global(?:\.\w+)*\.(?:b16|b8|u16|u8)\b", ptx)),
         # operands of the main dot loaded asynchronously: copies into shared memory, no 2-D synchronous loads
         "loop_async_copies": len(re.findall(r"async_copy_global_to_local|async_tma_copy_global_to_local", tloop)),
         "loop_sync_2d_loads": len(re.findall(r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr", tloop)),

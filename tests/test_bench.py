@@ -31,7 +31,7 @@ def test_json_structure(bench_out):
     assert keys == {(s[0], m, i) for s in shapes for m in (1, 64) for i in impls}
     for row in r["layers"]:
         assert "error" not in row, row
-        assert _positive(row["ms"])
+        assert _positive(row["ms"]) and row["timing"] == "eager"  # CUDA graphs (M <= 64) only on CUDA
         if row["impl"] != "bf16":
             assert _positive(row["speedup_vs_bf16"]) and "speedup_vs_fp8" not in row
     assert set(r["geomean"]) == set(LAYER_FORMATS)
@@ -89,3 +89,76 @@ def test_random_layers_have_flux_shapes(fmt):
     assert (m.out_features, m.in_features) == (192, 256)
     y = m(torch.randn(3, 256).bfloat16())
     assert y.shape == (3, 192) and torch.isfinite(y).all()
+
+
+def test_fp8_mm_baseline_times_the_gemm_alone():
+    """fp8_mm quantizes x outside the timed call and returns what the fp8 (quantize + GEMM) baseline returns."""
+    from comfyui_lowbit.cli.benchmark import _fp8_linear
+
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(32, 64, generator=g).bfloat16(), torch.randn(32, generator=g).bfloat16()
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    try:
+        expected = _fp8_linear(w, b)(x)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm has no CPU FP8 support in this build ({e})")
+    call = _fp8_linear(w, b, quantize_x=False)(x)
+    assert torch.equal(call(), expected)
+
+
+def test_time_ms_graph_falls_back_to_eager_off_cuda():
+    from comfyui_lowbit.cli.benchmark import time_ms
+
+    calls = []
+    ms, how = time_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, runs=3, graph=True)
+    assert how == "eager" and len(calls) == 5 and ms >= 0
+
+
+def test_time_ms_cuda_graph_protocol(monkeypatch):
+    """On CUDA (faked here): warm-up on a side stream, one capture, then only replays are timed."""
+    from comfyui_lowbit.cli import benchmark
+
+    log = []
+
+    class Ctx:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            log.append(("enter", self.name))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.name))
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 0.5
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: Ctx("side stream"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: Ctx("capture"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    ms, how = benchmark.time_ms(lambda: log.append("fn"), torch.device("cuda"), warmup=3, runs=4, graph=True)
+    assert (ms, how) == (0.5, "cuda_graph")
+    assert log == [("enter", "side stream"), "fn", "fn", "fn", ("exit", "side stream"),
+                   ("enter", "capture"), "fn", ("exit", "capture"), *["replay"] * (3 + 4)]

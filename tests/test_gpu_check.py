@@ -15,7 +15,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     log = (tmp_path / "gpu-check.log").read_text()
     rows = {r["step"]: r for r in csv.DictReader(open(tmp_path / "summary.tsv"), delimiter="\t")}
-    assert list(rows) == ["env", "gpu-tests", "tune", "tune-fp8", "kernel-timings", "bench-layers", "bench-model", "ceilings"]
+    assert list(rows) == ["env", "gpu-tests", "bench-layers", "bench-model", "kernel-timings", "ceilings", "tune",
+                          "tune-fp8", "tune-weight-only"]
     if not (ROOT / "gpu_tools" / "gpu-ceilings.py").exists():  # git-ignored: absent in a fresh clone
         assert rows.pop("ceilings")["exit"] == "3" and "gpu_tools/gpu-ceilings.py missing" in log
     assert all(r["status"] == "ok" for r in rows.values()), (rows, log[-3000:])

@@ -162,9 +162,14 @@ def test_w4a4_gemm(dtype, m, n, k, rank, has_bias, unsigned):
           ref.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=dtype))
 
 
-# (M, N, K, group, zeros): M = 1 and 5 take the split-K path, M = 65 the tiled one
+# (M, N, K, group, zeros): M = 1 and 5 few-token tiles; K = 192 ends in a half step, 1088 splits K over 2 programs
+# (17 odd groups); M = 65 and 130 (ragged) the many-token tiles
+W4A16_CASES = [(1, 48, 192, 64, True), (5, 40, 1088, 64, False), (3, 24, 1280, 128, True), (33, 32, 384, 128, False),
+               (65, 32, 128, 64, True), (130, 40, 320, 64, False)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,gs,zeros", [(1, 48, 192, 64, True), (5, 40, 256, 128, False), (65, 32, 128, 64, True)])
+@pytest.mark.parametrize("m,n,k,gs,zeros", W4A16_CASES)
 def test_w4a16_gemm(dtype, m, n, k, gs, zeros):
     g = gen(4)
     x = rand(m, k, dtype=dtype, g=g)
@@ -172,10 +177,16 @@ def test_w4a16_gemm(dtype, m, n, k, gs, zeros):
     wz = rand(k // gs, n, dtype=dtype, g=g, scale=0.02) if zeros else None
     bias = rand(n, dtype=dtype, g=g)
     close(triton_ops.w4a16_gemm(x, qw, ws, wz, bias), ref.w4a16_gemm(x, qw, ws, wz, bias))
+    close(triton_ops.w4a16_gemm(x, qw, ws, wz, out_dtype=torch.float32),
+          ref.w4a16_gemm(x, qw, ws, wz, out_dtype=torch.float32))
+
+
+# (M, N, K, rank, bias): K = 192 one partial step, 2304 splits K over 2 programs, M = 65 / 70 many-token tiles
+TERNARY_CASES = [(1, 48, 192, 16, True), (7, 40, 2304, 48, False), (65, 32, 128, 48, False), (70, 24, 576, 16, True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,rank,has_bias", [(1, 48, 192, 16, True), (65, 32, 128, 48, False)])
+@pytest.mark.parametrize("m,n,k,rank,has_bias", TERNARY_CASES)
 def test_ternary_gemm(dtype, m, n, k, rank, has_bias):
     g = gen(5)
     x = rand(m, k, dtype=dtype, g=g)
@@ -186,12 +197,49 @@ def test_ternary_gemm(dtype, m, n, k, rank, has_bias):
     close(triton_ops.ternary_gemm(x, tw, ws), ref.ternary_gemm(x, tw, ws))
 
 
+def test_wonly_splits_k_for_few_tokens_and_few_rows():
+    from comfyui_lowbit.kernels import triton_wonly
+
+    dev = torch.device(DEV)
+    assert triton_wonly.k_splits(65, 48, 64, dev) == 1  # many tokens: never
+    assert triton_wonly.k_splits(1, 48, 8, dev) == 2  # one row block, 8 steps: 2 splits of >= 4 steps
+    assert triton_wonly.k_splits(1, 48, 3, dev) == 1
+    assert triton_wonly.k_splits(1, 64 * 1024, 64, dev) == 1  # enough row blocks
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,rank", [(1, 48, 192, 16), (33, 40, 320, 48)])
+@pytest.mark.parametrize("fmt,zeros,rank", [("w4a16", True, 0), ("w4a16", False, 0), ("ternary", False, 16),
+                                            ("ternary", False, 0)])
+def test_wonly_dequant_path(monkeypatch, dtype, fmt, zeros, rank):
+    """Many tokens through the dequantize + vendor GEMM path (the committed table's other choice)."""
+    from comfyui_lowbit.kernels import triton_wonly
+
+    monkeypatch.setattr(triton_wonly, "wonly_path", lambda *a: "dequant")
+    g = gen(15)
+    m, n, k = 70, 40, 384
+    x, bias = rand(m, k, dtype=dtype, g=g), rand(n, dtype=dtype, g=g)
+    if fmt == "w4a16":
+        qw, ws = int4_weight(n, k, g), rand(k // 128, n, dtype=dtype, g=g, scale=0.05)
+        wz = rand(k // 128, n, dtype=dtype, g=g, scale=0.02) if zeros else None
+        assert torch.equal(triton_wonly.dequantize(qw, ws, wz), ref.dequant_int4(qw, ws, wz))
+        close(triton_ops.w4a16_gemm(x, qw, ws, wz, bias), ref.w4a16_gemm(x, qw, ws, wz, bias))
+    else:
+        tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
+        lr, up = (rand(m, rank, dtype=dtype, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)) if rank else (None, None)
+        w = triton_wonly.dequantize(tw, ws, None, up, ternary=True)
+        assert torch.equal(w[:, :k], (kernels.unpack_ternary(tw).float() * ws.float()[:, None]).to(dtype))
+        assert rank == 0 or torch.equal(w[:, k:], up)
+        close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,rank", [(1, 48, 192, 16), (5, 40, 576, 48), (33, 40, 320, 48), (70, 24, 256, 0)])
 def test_ternary_int8_gemm(dtype, m, n, k, rank):
+    """M = 5, K = 576: K split over 2 programs (int32 partials); M = 70: many-token tiles."""
     g = gen(6)
     x = rand(m, k, dtype=dtype, g=g)
-    down, up = rand(k, rank, dtype=dtype, g=g, scale=0.1), rand(n, rank, dtype=dtype, g=g, scale=0.1)
+    down, up = (rand(k, rank, dtype=dtype, g=g, scale=0.1), rand(n, rank, dtype=dtype, g=g, scale=0.1)) if rank \
+        else (None, None)
     q, s, lr = triton_ops.quantize_act_int8(x, down)
     tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
     bias = rand(n, dtype=dtype, g=g)
@@ -279,7 +327,7 @@ def test_interpreter_autotunes_one_config():
     from comfyui_lowbit.kernels import triton_act, triton_act8, triton_ternary, triton_w4a4, triton_wonly
 
     tuners = [triton_act._act_int4_kernel, triton_act8._act_int8_kernel, triton_w4a4._w4a4_kernel,
-              triton_ternary._ternary_int8_kernel, triton_wonly._small, triton_wonly._large]
+              triton_ternary._ternary_int8_kernel, *triton_wonly._TUNED.values()]
     assert all(len(t.configs) == (1 if INTERPRET else len(t.configs)) for t in tuners)
     assert INTERPRET or all(len(t.configs) > 1 for t in tuners)
 
@@ -335,7 +383,38 @@ def test_gpu_w4a16_flux_modulation(m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 1024])
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("m,zeros,gs", [(1, True, 128), (512, True, 128), (512, False, 64), (4608, False, 64)])
+def test_gpu_w4a16_t5_paths(monkeypatch, path, m, zeros, gs):
+    """T5-XXL's feed-forward input (4096 -> 10240) through both weight-only paths (the table picks one)."""
+    from comfyui_lowbit.kernels import triton_wonly
+
+    _gpu_ready()
+    monkeypatch.setattr(triton_wonly, "wonly_path", lambda *a: path)
+    g, dt, k, n = gen(16), torch.bfloat16, 4096, 10240
+    x = rand(m, k, dtype=dt, g=g)
+    qw, ws = int4_weight(n, k, g), rand(k // gs, n, dtype=dt, g=g, scale=0.02)
+    wz = rand(k // gs, n, dtype=dt, g=g, scale=0.01) if zeros else None
+    close(triton_ops.w4a16_gemm(x, qw, ws, wz), ref.w4a16_gemm(x, qw, ws, wz))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("m", [1, 16, 4608])
+def test_gpu_ternary_flux_qkv_paths(monkeypatch, path, m):
+    from comfyui_lowbit.kernels import triton_wonly
+
+    _gpu_ready()
+    monkeypatch.setattr(triton_wonly, "wonly_path", lambda *a: path)
+    g, dt, k, n, r = gen(17), torch.bfloat16, 3072, 9216, 32
+    x = rand(m, k, dtype=dt, g=g)
+    lr, up = rand(m, r, dtype=dt, g=g), rand(n, r, dtype=dt, g=g, scale=0.05)
+    tw, ws, bias = ternary_weight(n, k, g), rand(n, dtype=dt, g=g, scale=0.01).abs(), rand(n, dtype=dt, g=g)
+    close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 1024])
 def test_gpu_ternary_flux_linear2(m):
     _gpu_ready()
     g, dt, k, n, r = gen(12), torch.bfloat16, 15360, 3072, 64

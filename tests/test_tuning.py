@@ -71,8 +71,12 @@ def test_table_miss_autotunes(table_dir, w4a4_case, spies):
 
 
 def test_at_most_three_candidates_per_bucket():
-    for mod in (triton_w4a4, triton_act):
-        configs = [type("C", (), {"kwargs": c})() for c in mod.CONFIGS]
+    from comfyui_lowbit.kernels import triton_wonly
+
+    lists = [(triton_w4a4, triton_w4a4.CONFIGS), (triton_act, triton_act.CONFIGS)]
+    lists += [(triton_wonly, c) for by_size in triton_wonly.CONFIGS.values() for c in by_size.values()]
+    for mod, cfgs in lists:
+        configs = [type("C", (), {"kwargs": c})() for c in cfgs]
         for m in (1, 17, 64, 300, 4608):
             assert 1 <= len(mod._prune(configs, {"M": m})) <= 3
 
@@ -81,13 +85,18 @@ def test_tune_writes_a_table_the_lookup_reads(tmp_path, monkeypatch, table_dir):
     from comfyui_lowbit.kernels import tune
 
     monkeypatch.setattr(tune, "_seconds", lambda fn: (fn(), 1e-6)[1])
-    found = tune.tune([40], [(128, 64)], 16, torch.device("cpu"))
+    found = tune.tune([40], [("block", 128, 64), ("w4a16", 128, 64)], 16, torch.device("cpu"))
     path = str(table_dir / "cpu.json")
     tune.write(found, path, torch.device("cpu"))
+    monkeypatch.setattr(tuning, "_TABLES", {})
     data = json.loads(open(path).read())
-    assert data["gpu"] == "cpu" and set(data["kernels"]) == {"w4a4", "act_int4", "act_fp8", "fp8_int4", "fp8_ternary"}
+    assert data["gpu"] == "cpu" and set(data["kernels"]) == {"w4a4", "act_int4", "ternary", "ternary_path",
+                                                             "ternary_int8", "w4a16", "w4a16_path", "act_fp8",
+                                                             "fp8_int4", "fp8_ternary"}
     cfg = tuning.lookup("w4a4", torch.device("cpu"), N=64, K=128, R=16, M=64)
     assert cfg in [{**c, "us": 1.0} for c in triton_w4a4.CONFIGS]
+    path_entry = tuning.lookup("w4a16_path", torch.device("cpu"), N=64, K=128, G=64, Z=0, M=64)
+    assert path_entry["path"] in ("fused", "dequant")
     from comfyui_lowbit.kernels import triton_fp8
 
     cfg = tuning.lookup("fp8_int4", torch.device("cpu"), N=64, K=128, R=16, M=64)
@@ -105,3 +114,24 @@ def test_gpu_key(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
     assert tuning.gpu_key(torch.device("cuda", 0)) == "nvidia_h100_80gb_hbm3"
     assert tuning.gpu_key("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+def test_weight_only_path_from_the_table(table_dir, monkeypatch, path):
+    """The table's '<fmt>_path' entry decides between the fused kernel and dequantize + vendor GEMM, at any M."""
+    from comfyui_lowbit.kernels import triton_wonly
+
+    g = torch.Generator().manual_seed(1)
+    m, n, k = 3, 32, 128
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    qw = pack_int4(torch.randint(-8, 8, (n, k), generator=g))
+    ws = (torch.rand(k // 64, n, generator=g) * 0.05).to(torch.bfloat16)
+    fields = triton_wonly.table_fields("w4a16", n, k, m, 64, False, 0)
+    entry = {"w4a16_path": {tuning.shape_key(**fields): {"path": path}}}
+    (table_dir / "cpu.json").write_text(json.dumps({"kernels": entry}))
+    calls = []
+    orig = triton_wonly._dequant_gemm
+    monkeypatch.setattr(triton_wonly, "_dequant_gemm", lambda *a: calls.append(1) or orig(*a))
+    out = triton_ops.w4a16_gemm(x, qw, ws)
+    assert calls == ([1] if path == "dequant" else [])
+    torch.testing.assert_close(out.float(), ref.w4a16_gemm(x, qw, ws).float(), rtol=2 ** -7, atol=1e-2)
