@@ -2,8 +2,11 @@
 which sets `run=callable(args) -> int` through `set_defaults`."""
 import argparse
 import importlib
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 from .. import __version__
 
@@ -33,6 +36,29 @@ def _report(line: str) -> None:
     print(prefix + line, file=sys.stderr)
 
 
+class _SigintSeen:
+    """Remembers a Ctrl-C: a KeyboardInterrupt raised inside a C extension (safetensors, torch) can come out
+    as another exception (e.g. a TypeError), which must still read as an interruption, not as bad input."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
@@ -49,19 +75,29 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     name = f"lowbit {args.command}"
+    sigint = _SigintSeen()
     try:
-        return args.run(args) or 0
+        with sigint.installed():
+            return args.run(args) or 0
     except KeyboardInterrupt:
-        _report(f"{name}: interrupted; no output was written")
-        return 130
+        return _interrupted(name)
     except (ValueError, OSError) as e:  # bad input: one line naming the file / key / layer
+        if sigint.seen:
+            return _interrupted(name)
         _report(f"{name}: error: {_one_line(e)}")
         return 1
     except Exception as e:
+        if sigint.seen:
+            return _interrupted(name)
         if os.environ.get("LOWBIT_DEBUG"):
             raise
         _report(f"{name}: error: {type(e).__name__}: {_one_line(e)} (LOWBIT_DEBUG=1 shows the traceback)")
         return 1
+
+
+def _interrupted(name: str) -> int:
+    _report(f"{name}: interrupted; no output was written")
+    return 130
 
 
 if __name__ == "__main__":

@@ -144,6 +144,25 @@ def test_ctrl_c_exits_130_in_one_line_and_leaves_nothing(tmp_path, files, capsys
     assert os.listdir(out) == []
 
 
+def test_ctrl_c_inside_an_extension_still_reads_as_interrupted(tmp_path, files, capsys, monkeypatch):
+    """A SIGINT that a C extension turns into another exception (safetensors reading into torch gave a TypeError
+    once, reported as a truncated file) is an interruption: exit 130, not a complaint about the input."""
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def read_interrupted(self, f, file, key):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            raise TypeError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(convert._Source, "_read", read_interrupted)
+    _one_line_error(capsys, ["quantize", files["src"], str(out / "q.safetensors"), "--format", "w4a16"],
+                    "interrupted", rc=130)
+    assert os.listdir(out) == []
+
+
 def test_ctrl_c_signal_on_the_command(tmp_path, files):
     """A real SIGINT to `lowbit quantize` while it quantizes: exit code 130, one line, no file left."""
     out = tmp_path / "out"
