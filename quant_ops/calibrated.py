@@ -110,18 +110,25 @@ def svdquant(w, bias, rank, x, act_absmax=None, act_unsigned=False, dtype=torch.
     return fit.best
 
 
-def ternary(w, bias, rank, x, act_int8=False, dtype=torch.bfloat16, iters=4, gptq=True, whiten=True,
-            fit_scales=True, damp=DAMP) -> TernaryWeights:
-    """Alternate: branch L fitted to W - S T (H-weighted when whiten); codes T of W - L (GPTQ when gptq);
-    row scales S by H-weighted least squares (fit_scales). Keeps the iterate with the least H-weighted error."""
+def ternary(w, bias, rank, x, act_absmax=None, act_int8=False, dtype=torch.bfloat16, iters=4, gptq=True,
+            whiten=True, fit_scales=True, damp=DAMP) -> TernaryWeights:
+    """Alternate: branch L fitted to W - S T (H-weighted when whiten, else today's absmax-weighted SVD); codes
+    T of W - L (GPTQ when gptq); row scales S by H-weighted least squares (fit_scales). Keeps the iterate
+    with the least H-weighted error."""
     h = second_moment(x, damp)
     wh = Whitener(h)
     b16 = None if bias is None else bias.to(dtype)
+    a = (x.abs().amax(0) if act_absmax is None else act_absmax.float()).clamp_min(1e-5)
+    d = (a / a.mean()).sqrt().clamp(1e-2, 1e2).unsqueeze(0)  # as quantizers.ternary weights its SVD
 
     def branch(m):
         if not rank:
             return None, None, torch.zeros_like(m)
-        up, down = wh.lowrank(m, rank) if whiten else svd_lowrank(m, rank)
+        if whiten:
+            up, down = wh.lowrank(m, rank)
+        else:
+            up, down = svd_lowrank(m * d, rank)
+            down = down / d.t()
         up, down = up.to(dtype), down.to(dtype)
         return up, down, up.float() @ down.float().t()
 

@@ -204,7 +204,8 @@ def ternary(weight, bias=None, rank=64, act_absmax=None, act_int8=False, dtype=t
         from . import calibrated
 
         x = _calib_matrix(calib_inputs, w.shape[1], w.device, "ternary")
-        return calibrated.ternary(w, bias, rank, x, act_int8, dtype, min(iters, CALIB_TERNARY_ITERS), gptq, whiten,
+        a = None if act_absmax is None else _absmax_vector(act_absmax, w.shape[1], w.device, "ternary")
+        return calibrated.ternary(w, bias, rank, x, a, act_int8, dtype, min(iters, CALIB_TERNARY_ITERS), gptq, whiten,
                                   fit_scales, damp)
     # activation-aware weighting of the low-rank fit: channels with large inputs matter more
     d = torch.ones(w.shape[1], device=w.device)
