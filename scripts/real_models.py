@@ -136,7 +136,7 @@ def run_block(block, inp):
     return _first(block(*args, **kwargs))
 
 
-def quantize_model(model, fmt, opts, calibrated, rec, refine_steps=0, fp_io=None):
+def quantize_model(model, fmt, opts, calibrated, rec, refine_steps=0, fp_io=None, damp=None):
     q = copy.deepcopy(model)
     for name, lin in targets(q):
         kw = dict(opts)
@@ -144,6 +144,8 @@ def quantize_model(model, fmt, opts, calibrated, rec, refine_steps=0, fp_io=None
             kw["act_unsigned"] = post_gelu(name)
         if calibrated:
             kw["calib_inputs"] = rec.sample(name)
+            if damp is not None:
+                kw["damp"] = damp
         parent, _, leaf = name.rpartition(".")
         setattr(q.get_submodule(parent), leaf,
                 quantize_linear(lin, fmt, rank=RANK[fmt], act_absmax=rec.absmax[name], dtype=torch.bfloat16, **kw))
@@ -177,6 +179,7 @@ def main(argv=None):
     p.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
     p.add_argument("--tokens", type=int, default=512, help="sampled input rows per layer (default 512)")
     p.add_argument("--refine", type=int, default=200, help="block reconstruction steps for 'all+refine'")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ / whitening damping (default: the quantizers')")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -202,7 +205,7 @@ def main(argv=None):
                     continue
                 t0 = time.time()
                 steps = args.refine if var.endswith("refine") else 0
-                q = quantize_model(model, fmt, opts, calibrated, rec, steps, fp_io)
+                q = quantize_model(model, fmt, opts, calibrated, rec, steps, fp_io, args.damp)
                 e = errors(ref, encode(q, held))
                 e["seconds"] = time.time() - t0
                 results[f"{name}/{fmt}/{var}"] = e
@@ -210,7 +213,7 @@ def main(argv=None):
                       f"(min {e['cos_min']:.4f})  {e['seconds']:.0f} s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"tokens": args.tokens, "refine": args.refine, "results": results}, f, indent=1)
+            json.dump({"tokens": args.tokens, "refine": args.refine, "damp": args.damp, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
