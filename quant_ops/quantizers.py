@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import reference as ref
-from .datafit import DAMP, svd_lowrank
+from .datafit import DAMP, TERNARY_DAMP, svd_lowrank
 from .formats import GROUP_SIZE, TernaryWeights, W4A4Weights, W4A16Weights
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -191,7 +191,7 @@ def ternarize(w: torch.Tensor, thresholds=TERNARY_THRESHOLDS):
 
 
 def ternary(weight, bias=None, rank=64, act_absmax=None, act_int8=False, dtype=torch.bfloat16, iters=20,
-            calib_inputs=None, gptq=True, whiten=True, fit_scales=True, damp=DAMP) -> TernaryWeights:
+            calib_inputs=None, gptq=True, whiten=True, fit_scales=True, damp=TERNARY_DAMP) -> TernaryWeights:
     """Ternary weights + an optional rank-r low-rank branch fitted to the residual, refined iteratively:
     L <- SVD_r(W - ternary(W - L)), stopping when the (activation-weighted) error grows.
 
