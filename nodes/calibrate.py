@@ -48,6 +48,7 @@ class LowBitCalibrate:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The 16-bit FLUX model to calibrate (e.g. from Load Diffusion Model). "
                                            "It is cloned; the original is not changed."}),
+        }, "optional": {
             "tokens_per_layer": ("INT", {"default": DEFAULT_TOKENS, "min": 0, "max": MAX_TOKENS, "step": 32,
                                          "tooltip": "Input rows kept per block linear (a uniform random sample over "
                                                     "every prompt and step) for the calibrated quantizers. Memory on "

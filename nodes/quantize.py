@@ -49,14 +49,15 @@ class LowBitQuantizeModel:
             "calibration": ([NO_CALIB] + _calibration_files(),
                             {"tooltip": "A calibration file from 'LowBit Save Calibration' (ComfyUI output folder), "
                                         "or none for data-free quantization."}),
-            "data_aware": ("BOOLEAN", {"default": True,
-                           "tooltip": "With a calibration file that holds input samples (LowBit Calibrate with "
-                                      "tokens_per_layer > 0): GPTQ rounding and low-rank branch / ternary scales fitted "
-                                      "to the activation-weighted error. Off: only the smoothing uses the calibration. "
-                                      "Slower (seconds per layer on a GPU); data-free quantization ignores it."}),
             "output_name": ("STRING", {"default": "flux-lowbit.safetensors",
                                        "tooltip": "File name written next to the source model; an existing file is "
                                                   "never overwritten."}),
+        }, "optional": {
+            "data_aware": ("BOOLEAN", {"default": True,
+                           "tooltip": "With a calibration file that holds input samples (LowBit Calibrate with "
+                                      "tokens_per_layer > 0): GPTQ rounding and low-rank branch / ternary scales fitted "
+                                      "to the activation-weighted error. Off: only the smoothing uses the calibration "
+                                      "(as before). Data-free quantization ignores it."}),
         }}
 
     RETURN_TYPES = ()

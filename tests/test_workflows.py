@@ -139,7 +139,7 @@ def test_quantize_your_own_two_runs(server):
         n["mode"] = 0 if n is quant else 2
     quant["widgets_values"][3] = calib
     server.run(_api(server, wf), timeout=600)
-    out = server.models / "diffusion_models" / quant["widgets_values"][5]
+    out = server.models / "diffusion_models" / quant["widgets_values"][4]
     info = checkpoint.read_info(str(out))
     assert info.model == "flux" and info.format_counts() == {"svdq_w4a4": 2 * 8 + 2 * 2, "w4a16": 2 * 2 + 2}
     with pytest.raises(Exception, match="exists"):  # queued again: never overwrites
