@@ -17,8 +17,9 @@ import time
 import torch
 from safetensors import safe_open
 
-from ..quant_ops import QUANT_FORMATS, quantize_weight
+from ..quant_ops import QUANT_FORMATS, module_from_packed, quantize_weight
 from . import clip_l, flux, t5
+from .calibration import CalibrationFile
 from .errors import CheckpointError
 from .lowbit_file import META_VERSION, check_output, save_checkpoint, unreadable_error
 
@@ -213,44 +214,18 @@ def _units(plan: dict) -> list:
     return list(units.items())
 
 
-class _Calib:
-    def __init__(self, path: str | None):
-        self.path, self.keys, self.missing = path, set(), []
-        if path is None:
-            return
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"{path}: is a folder, expected a calibration .safetensors file")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: calibration file not found")
-        with _open(path) as f:
-            meta = f.metadata() or {}
-            self.keys = set(f.keys())
-        if "lowbit.calib_version" not in meta:
-            raise ValueError(f"{path}: not a lowbit calibration file (no 'lowbit.calib_version' metadata)")
-
-    def absmax(self, layer: str, k: int):
-        key = f"{layer}.input_absmax"
-        if self.path is None:
-            return None
-        if key not in self.keys:
-            self.missing.append(layer)
-            return None
-        with _open(self.path) as f:
-            a = f.get_tensor(key).float().reshape(-1)
-        if a.numel() != k:
-            raise ValueError(f"{self.path}: {key} has {a.numel()} channels, expected {k} (in_features of {layer})")
-        return a
-
-
 def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False, device="cpu",
-                  group_size=64, options=None) -> dict:
+                  group_size=64, options=None, calib_tokens=None) -> dict:
     """Quantize the FLUX transformer or T5 encoder in `src` into a lowbit checkpoint at `dst`.
 
     fmt: block format for FLUX ("svdq_w4a4", "ternary" or "w4a16"; modulation layers are always w4a16);
     T5 is always w4a16. calib: calibration statistics file (data-free when None; layers it lacks are
-    quantized data-free, with one warning). progress(done, total) is called after every layer.
-    options: extra quantizer options for the svdq_w4a4 / ternary layers (e.g. {"iters": 3}).
-    Returns a summary dict (sizes in bytes, seconds).
+    quantized data-free, with one warning); a version 2 file's input samples feed the calibrated quantizers
+    (calib_inputs) and, held out, the per-layer output errors of the summary. calib_tokens caps the sampled
+    rows read per layer. progress(done, total) is called after every layer.
+    options: extra quantizer options for the svdq_w4a4 / ternary layers (e.g. {"iters": 3, "gptq": False}).
+    Returns a summary dict (sizes in bytes, seconds, layer_errors {layer: relative output error on the
+    held-out rows}).
     """
     t0 = time.time()
     src, dst = str(src), str(dst)
@@ -272,10 +247,10 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
         raise CheckpointError(str(e) if str(e).startswith(src) else f"{src}: {e}") from None
     if model != "flux" and fmt != "w4a16":
         log.warning("%s: text encoders are quantized weight-only (w4a16), not %s", src, fmt)
-    calib_stats = _Calib(calib)
+    calib_stats = CalibrationFile(calib, calib_tokens)
     units = _units(plan)
     check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, fmt_of, fmt, rank, group_size))
-    out, layers = {}, {}
+    out, layers, errors = {}, {}, {}
     for done, (layer, parts) in enumerate(units, 1):
         with source.reader() as read:
             tensors = {end: _fetch(read, *plan[name]) for end, name in parts.items()}
@@ -287,10 +262,17 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
             try:
                 opts = {"group_size": group_size} if lfmt == "w4a16" else \
                     {**(options or {}), **flux.layer_options(layer, lfmt)}
-                absmax = None if lfmt == "w4a16" else calib_stats.absmax(layer, w.shape[1])
+                absmax = fit = held = None
+                if lfmt != "w4a16":
+                    absmax = calib_stats.absmax(layer, w.shape[1])
+                    fit, held = calib_stats.sample(layer, w.shape[1])
+                    if fit is not None:
+                        opts["calib_inputs"] = fit
                 packed = quantize_weight(w, b, lfmt, rank, absmax, dtype=DTYPE, device=device, **opts)
             except ValueError as e:
                 raise ValueError(f"{src}: layer {layer}: {e}") from None
+            if held is not None:
+                errors[layer] = held_out_error(packed, w, b, held)
             packed = packed.to("cpu")
             out.update({f"{layer}.{k}": v for k, v in packed.tensors().items()})
             layers[layer] = packed.config()
@@ -304,7 +286,8 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     if calib_stats.missing:
         log.warning("%s: no statistics for %d of the quantized layers (e.g. %s); those were quantized data-free",
                     calib, len(calib_stats.missing), calib_stats.missing[0])
-    args = {"format": fmt, "rank": rank, "group_size": group_size, "calib": os.path.basename(calib) if calib else None}
+    args = {"format": fmt, "rank": rank, "group_size": group_size, "calib": os.path.basename(calib) if calib else None,
+            **{k: v for k, v in (options or {}).items() if isinstance(v, (bool, int, float))}}
     save_checkpoint(dst, out, layers, model, config, force=force,
                     extra_meta={"lowbit.source": os.path.basename(src), "lowbit.args": json.dumps(args)})
     counts = {}
@@ -314,7 +297,16 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     return {"src": src, "dst": dst, "model": model, "config": config, "layer_counts": counts,
             "layers_total": len(units), "layers_16bit": len(units) - len(layers),
             "input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": in_bytes / max(out_bytes, 1),
-            "seconds": time.time() - t0, "calib_missing": list(calib_stats.missing)}
+            "seconds": time.time() - t0, "calib_missing": list(calib_stats.missing), "layer_errors": errors}
+
+
+@torch.no_grad()
+def held_out_error(packed, w, b, x) -> float:
+    """Relative L2 error of the quantized layer's output against the float layer's on rows x."""
+    x = x.to(packed.weight.device)
+    y = x @ w.to(x.device).float().t() + (0 if b is None else b.to(x.device).float())
+    yq = module_from_packed(packed)(x.to(packed.dtype)).float()
+    return ((yq - y).norm() / y.norm().clamp_min(1e-30)).item()
 
 
 def _output_bytes(units, shapes, fmt_of, fmt, rank, group_size) -> int:

@@ -23,7 +23,18 @@ def add_parser(sub) -> None:
                    help=f"low-rank branch rank (default: {DEFAULT_RANK['svdq_w4a4']} for svdq_w4a4, "
                         f"{DEFAULT_RANK['ternary']} for ternary)")
     q.add_argument("--calib", metavar="STATS", default=None,
-                   help="calibration statistics file (from the LowBit calibration node); data-free without it")
+                   help="calibration file (from the LowBit calibration nodes); data-free without it. A file with "
+                        "input samples (version 2) turns on the calibrated quantizers and the per-layer held-out "
+                        "error report; a version 1 file (input ranges only) tunes the smoothing only")
+    q.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="use at most N sampled input rows per layer (default: all in the file; 1 in 8 is held out "
+                        "to measure). Memory while quantizing: one layer's rows at a time, N x K x 4 bytes")
+    q.add_argument("--no-gptq", dest="gptq", action="store_false",
+                   help="calibrated: round to nearest instead of GPTQ error-compensating rounding")
+    q.add_argument("--no-whiten", dest="whiten", action="store_false",
+                   help="calibrated: fit the low-rank branch to the weight error, not the activation-weighted error")
+    q.add_argument("--no-fit-scales", dest="fit_scales", action="store_false",
+                   help="calibrated ternary: per-row scales by weight least squares, not activation-weighted")
     q.add_argument("--device", type=device, default="cpu", help="device to quantize on: cpu or cuda (default cpu)")
     q.add_argument("--group-size", type=int, choices=(64, 128), default=64,
                    help="group size of the w4a16 layers (default 64)")
@@ -43,6 +54,12 @@ def run_quantize(args) -> int:
     rank = DEFAULT_RANK[args.format] if args.rank is None else args.rank
     if rank < 0:
         raise ValueError(f"--rank must be >= 0, got {rank}")
+    if args.calib_tokens is not None and args.calib_tokens < 1:
+        raise ValueError(f"--calib-tokens must be >= 1, got {args.calib_tokens}")
+    options = {"gptq": args.gptq, "whiten": args.whiten}
+    if args.format == "ternary":
+        options["fit_scales"] = args.fit_scales
+    options = None if args.format == "w4a16" else options
     logging.basicConfig(format="lowbit quantize: warning: %(message)s", level=logging.WARNING)
     bar = None
 
@@ -54,7 +71,8 @@ def run_quantize(args) -> int:
 
     try:
         s = quantize_file(args.input, args.output, args.format, rank=rank, calib=args.calib, progress=progress,
-                          force=args.force, device=args.device, group_size=args.group_size)
+                          force=args.force, device=args.device, group_size=args.group_size, options=options,
+                          calib_tokens=args.calib_tokens)
     except BaseException:
         if bar is not None:  # clear the bar so that the error is the one line left
             bar.leave = False
@@ -66,4 +84,17 @@ def run_quantize(args) -> int:
     counts = ", ".join([f"{n} {f}" for f, n in sorted(s["layer_counts"].items())] + [f"{s['layers_16bit']} 16-bit"])
     print(f"{s['dst']}: {s['model']}, {s['layers_total']} layers ({counts}); input {gb(s['input_bytes'])}, output "
           f"{gb(s['output_bytes'])}, {s['ratio']:.2f}x smaller; {s['seconds']:.1f} s")
+    print_layer_errors(s["layer_errors"])
     return 0
+
+
+def print_layer_errors(errors: dict) -> None:
+    """Per-layer relative output error on the held-out calibration rows, then the median and the worst."""
+    if not errors:
+        return
+    print("relative output error per layer on held-out calibration inputs:")
+    for layer, e in errors.items():
+        print(f"  {layer:40s} {e:.4f}")
+    vals = sorted(errors.values())
+    worst = max(errors, key=errors.get)
+    print(f"  median {vals[len(vals) // 2]:.4f}, worst {errors[worst]:.4f} ({worst}), {len(vals)} layers")

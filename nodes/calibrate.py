@@ -1,43 +1,35 @@
-"""Calibration nodes: record per-layer input absmax while a normal workflow samples, then save them.
+"""Calibration nodes: record per-layer input statistics and a sample of input rows while a normal workflow
+samples, then save them.
 
 LowBitCalibrate returns a clone of the 16-bit MODEL with an apply_model wrapper that hooks the block
 linears only for the duration of each of the clone's model calls, so the original MODEL (which shares
-the weights) is never affected. The statistics live in the clone's attachments.
+the weights) is never affected. The recorder (quant_ops.InputRecorder) lives in the clone's attachments.
 """
-import json
 import os
-
-import torch
-from safetensors.torch import save_file
 
 import comfy.patcher_extension
 import folder_paths
 
-CALIB_VERSION = "1"
+from ..checkpoint import save_calibration
+from ..quant_ops import DEFAULT_TOKENS, InputRecorder
+
 ATTACHMENT = "lowbit_calibration"
 WRAPPER_KEY = "lowbit_calibrate"
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
+FLUX_DEV_MB_PER_TOKEN = 3.5  # bf16 rows of every FLUX.1-dev block linear input (1.75M channels)
+MAX_TOKENS = 4096
 
 
 class CalibrationStats:
-    """Running per-input-channel absmax of every block linear (BFL names) and the model-call count."""
+    """The recorder plus the model-call count, hooked into each model call of the calibrating clone."""
 
-    def __init__(self):
-        self.absmax: dict[str, torch.Tensor] = {}
+    def __init__(self, tokens: int = DEFAULT_TOKENS):
+        self.recorder = InputRecorder(tokens)
         self.samples = 0
-
-    def _hook(self, name):
-        def hook(module, args):
-            x = args[0].detach()
-            am = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()  # stays on the device: no sync per layer
-            prev = self.absmax.get(name)
-            self.absmax[name] = am if prev is None else torch.maximum(prev.to(am.device), am)
-        return hook
 
     def apply_model_wrapper(self, executor, *args, **kwargs):
         dm = executor.class_obj.diffusion_model
-        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in dm.named_modules()
-                   if n.startswith(BLOCK_PREFIXES) and isinstance(m, torch.nn.Linear)]
+        handles = self.recorder.attach(dm, lambda n: n.startswith(BLOCK_PREFIXES))
         try:
             out = executor(*args, **kwargs)
         finally:
@@ -46,48 +38,41 @@ class CalibrationStats:
         self.samples += 1
         return out
 
-    def tensors(self) -> dict:
-        return {f"{name}.input_absmax": t.cpu().contiguous() for name, t in sorted(self.absmax.items())}
-
     def save(self, path: str) -> str:
-        if not self.absmax:
-            raise ValueError("no activations were recorded: run a sampler (e.g. KSampler) with the MODEL from "
-                             "'LowBit Calibrate' before saving, and pass its LATENT output to the save node")
-        if os.path.exists(path):
-            raise FileExistsError(f"{path} already exists; choose another name (calibration files are never overwritten)")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        meta = {"lowbit.calib_version": CALIB_VERSION, "lowbit.samples": str(self.samples),
-                "lowbit.layers": json.dumps(sorted(self.absmax))}
-        try:
-            save_file(self.tensors(), tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return save_calibration(path, self.recorder.tensors(), self.samples, self.recorder.tokens)
 
 
 class LowBitCalibrate:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "The 16-bit FLUX model to calibrate (e.g. from Load Diffusion Model). "
-                                                             "It is cloned; the original is not changed."})}}
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The 16-bit FLUX model to calibrate (e.g. from Load Diffusion Model). "
+                                           "It is cloned; the original is not changed."}),
+        }, "optional": {
+            "tokens_per_layer": ("INT", {"default": DEFAULT_TOKENS, "min": 0, "max": MAX_TOKENS, "step": 32,
+                                         "tooltip": "Input rows kept per block linear (a uniform random sample over "
+                                                    "every prompt and step) for the calibrated quantizers. Memory on "
+                                                    f"the model's device: about {FLUX_DEV_MB_PER_TOKEN} MB per token "
+                                                    f"for FLUX.1-dev ({DEFAULT_TOKENS} tokens = "
+                                                    f"{DEFAULT_TOKENS * FLUX_DEV_MB_PER_TOKEN / 1000:.1f} GB), the same "
+                                                    "in the saved file. 0 records the input ranges only."}),
+        }}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "wrap"
     CATEGORY = "lowbit"
-    DESCRIPTION = ("Returns a copy of the model that records the input range of every block linear layer while it "
-                   "samples. Sample your usual prompts with it, then save with 'LowBit Save Calibration'. Statistics "
+    DESCRIPTION = ("Returns a copy of the model that records the input range and a sample of the inputs of every "
+                   "block linear layer while it samples. Sample your usual prompts with it, then save with 'LowBit Save Calibration'. Statistics "
                    "accumulate over every prompt sampled with this MODEL while ComfyUI keeps it cached.")
 
-    def wrap(self, model):
+    def wrap(self, model, tokens_per_layer=DEFAULT_TOKENS):
         from .ops import lowbit_modules
 
         if lowbit_modules(model.model):
             raise ValueError("LowBit Calibrate needs the 16-bit model (e.g. from Load Diffusion Model), "
                              "not a lowbit one: calibration records the inputs of the layers before quantization")
         m = model.clone()
-        stats = CalibrationStats()
+        stats = CalibrationStats(tokens_per_layer)
         m.set_attachments(ATTACHMENT, stats)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, stats.apply_model_wrapper)
         return (m,)

@@ -54,6 +54,12 @@ class LowBitQuantizeModel:
             "output_name": ("STRING", {"default": "flux-lowbit.safetensors",
                                        "tooltip": "File name written next to the source model; an existing file is "
                                                   "never overwritten."}),
+        }, "optional": {
+            "data_aware": ("BOOLEAN", {"default": True,
+                           "tooltip": "With a calibration file that holds input samples (LowBit Calibrate with "
+                                      "tokens_per_layer > 0): GPTQ rounding and low-rank branch / ternary scales fitted "
+                                      "to the activation-weighted error. Off: only the smoothing uses the calibration "
+                                      "(as before). Data-free quantization ignores it."}),
         }}
 
     RETURN_TYPES = ()
@@ -66,7 +72,7 @@ class LowBitQuantizeModel:
     def IS_CHANGED(cls, **kwargs):
         return float("nan")  # always run: a queued quantization must write (or say why it cannot), never be cached
 
-    def quantize(self, model_name, format, rank, calibration, output_name):
+    def quantize(self, model_name, format, rank, calibration, output_name, data_aware=True):
         from .. import checkpoint
 
         folder, _, name = model_name.partition("/")
@@ -87,5 +93,10 @@ class LowBitQuantizeModel:
 
         device = comfy.model_management.get_torch_device()  # the SVDs run on the GPU when ComfyUI has one
         rank = checkpoint.DEFAULT_RANK[format] if rank == AUTO_RANK else rank
-        checkpoint.quantize_file(src, dst, fmt=format, rank=rank, calib=calib, progress=progress, device=device)
-        return {"ui": {"text": [dst]}}
+        options = {"gptq": data_aware, "whiten": data_aware, **({"fit_scales": data_aware} if format == "ternary" else {})}
+        s = checkpoint.quantize_file(src, dst, fmt=format, rank=rank, calib=calib, progress=progress, device=device,
+                                     options=options)
+        errors = sorted(s["layer_errors"].values())
+        text = [dst] + ([f"held-out relative output error per layer: median {errors[len(errors) // 2]:.4f}, "
+                         f"worst {errors[-1]:.4f} ({len(errors)} layers)"] if errors else [])
+        return {"ui": {"text": text}}

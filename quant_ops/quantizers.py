@@ -5,12 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import reference as ref
+from .datafit import DAMP, TERNARY_DAMP, svd_lowrank
 from .formats import GROUP_SIZE, TernaryWeights, W4A4Weights, W4A16Weights
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 DEFAULT_ALPHAS = tuple(i / 8 for i in range(9))
 TERNARY_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-_SVD_EXACT_MAX = 1024  # full SVD up to this min(N, K); randomized SVD above
+CALIB_ITERS, CALIB_SEARCH_ITERS = 5, 2  # branch/residual alternations of the calibrated svdq_w4a4 (at most)
+CALIB_TERNARY_ITERS = 4
 
 
 def quantize_int4_groups(w: torch.Tensor, group_size: int, dtype: torch.dtype, clip_ratios=CLIP_RATIOS):
@@ -37,21 +39,6 @@ def quantize_int4_groups(w: torch.Tensor, group_size: int, dtype: torch.dtype, c
     return best_q.reshape(n, k).to(torch.int8), best_s.t().contiguous().to(dtype)
 
 
-def svd_lowrank(w: torch.Tensor, rank: int):
-    """Top-`rank` factors (U sqrt(S), V sqrt(S)) of w (N, K), float32 on w's device."""
-    if min(w.shape) <= _SVD_EXACT_MAX:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        u, s, v = u[:, :rank], s[:rank], vh[:rank].t()
-    else:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(0)  # randomized SVD: keep results reproducible
-        u, s, v = torch.svd_lowrank(w, q=min(rank + 16, min(w.shape)), niter=4)
-        torch.random.set_rng_state(gen_state)
-        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
-    root = s.sqrt()
-    return u * root, v * root
-
-
 def _check_linear(weight: torch.Tensor, multiple: int, fmt: str, rank: int = 0):
     if weight.dim() != 2:
         raise ValueError(f"{fmt}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -64,6 +51,23 @@ def _check_linear(weight: torch.Tensor, multiple: int, fmt: str, rank: int = 0):
         raise ValueError(f"{fmt}: in_features (K) is {k}, must be a multiple of {multiple}")
     if rank < 0 or rank > min(n, k):
         raise ValueError(f"{fmt}: rank is {rank}, must be between 0 and min(out_features, in_features) = {min(n, k)}")
+
+
+def _absmax_vector(act_absmax, k, device, fmt):
+    a = act_absmax.to(device).float().reshape(-1)
+    if a.numel() != k:
+        raise ValueError(f"{fmt}: act_absmax has {a.numel()} channels, expected in_features = {k}")
+    return a
+
+
+def _calib_matrix(calib_inputs, k, device, fmt):
+    if not isinstance(calib_inputs, torch.Tensor) or calib_inputs.dim() < 2 or calib_inputs.shape[-1] != k:
+        got = tuple(calib_inputs.shape) if isinstance(calib_inputs, torch.Tensor) else type(calib_inputs).__name__
+        raise ValueError(f"{fmt}: calib_inputs must be a (tokens, {k}) tensor of the layer's inputs, got {got}")
+    x = calib_inputs.to(device).float().reshape(-1, k)
+    if x.shape[0] == 0 or not torch.isfinite(x).all():
+        raise ValueError(f"{fmt}: calib_inputs must hold at least one token and only finite values")
+    return x
 
 
 def _synthetic_inputs(act_absmax: torch.Tensor, samples: int = 256, unsigned: bool = False) -> torch.Tensor:
@@ -118,21 +122,30 @@ def _svdq_decompose(w, bias, smooth, rank, dtype, iters, act_unsigned, x=None):
 
 
 def svdquant(weight, bias=None, rank=32, act_absmax=None, calib_inputs=None, act_unsigned=False,
-             dtype=torch.bfloat16, iters=20, search_iters=3, alphas=DEFAULT_ALPHAS, max_smooth=1e4) -> W4A4Weights:
+             dtype=torch.bfloat16, iters=20, search_iters=3, alphas=DEFAULT_ALPHAS, max_smooth=1e4,
+             gptq=True, whiten=True, damp=DAMP) -> W4A4Weights:
     """SVDQuant of one linear. With `act_absmax` (per input channel), grid-search the migration strength
-    alpha of lambda = a^alpha / w^(1 - alpha) by the quantized layer's output error (low-rank inside)."""
+    alpha of lambda = a^alpha / w^(1 - alpha) by the quantized layer's output error (low-rank inside).
+
+    With `calib_inputs` (tokens x K, a sample of the layer's inputs) and gptq or whiten on, the calibrated
+    quantizer (quant_ops/calibrated.py): whiten fits the branch to the activation-weighted error, gptq rounds
+    the residual with error compensation; damp: GPTQ damping of the inputs' second moment."""
     _check_linear(weight, GROUP_SIZE, "svdq_w4a4", rank)
     w = weight.float()
     k = w.shape[1]
     device = w.device
+    if calib_inputs is not None and (gptq or whiten):
+        from . import calibrated
+
+        x = _calib_matrix(calib_inputs, k, device, "svdq_w4a4")
+        a = None if act_absmax is None else _absmax_vector(act_absmax, k, device, "svdq_w4a4")
+        return calibrated.svdquant(w, bias, rank, x, a, act_unsigned, dtype, min(iters, CALIB_ITERS),
+                                   min(search_iters, CALIB_SEARCH_ITERS), alphas, max_smooth, gptq, whiten, damp)
     if act_absmax is None:
         smooth = torch.ones(k, dtype=dtype, device=device)
         return _svdq_decompose(w, bias, smooth, rank, dtype, iters, act_unsigned)[0]
-    a = act_absmax.to(device).float().reshape(-1)
-    if a.numel() != k:
-        raise ValueError(f"svdq_w4a4: act_absmax has {a.numel()} channels, expected in_features = {k}")
-    a = a.clamp_min(1e-5)
-    x = calib_inputs.to(device).float().reshape(-1, k) if calib_inputs is not None else _synthetic_inputs(a, unsigned=act_unsigned)
+    a = _absmax_vector(act_absmax, k, device, "svdq_w4a4").clamp_min(1e-5)
+    x = _calib_matrix(calib_inputs, k, device, "svdq_w4a4") if calib_inputs is not None else _synthetic_inputs(a, unsigned=act_unsigned)
     w_abs = w.abs().amax(dim=0).clamp_min(1e-5)
     best_alpha, best_err = None, math.inf
     for alpha in alphas:
@@ -177,17 +190,27 @@ def ternarize(w: torch.Tensor, thresholds=TERNARY_THRESHOLDS):
     return best_t.to(torch.int8), best_s
 
 
-def ternary(weight, bias=None, rank=64, act_absmax=None, act_int8=False, dtype=torch.bfloat16, iters=20) -> TernaryWeights:
+def ternary(weight, bias=None, rank=64, act_absmax=None, act_int8=False, dtype=torch.bfloat16, iters=20,
+            calib_inputs=None, gptq=True, whiten=True, fit_scales=True, damp=TERNARY_DAMP) -> TernaryWeights:
     """Ternary weights + an optional rank-r low-rank branch fitted to the residual, refined iteratively:
-    L <- SVD_r(W - ternary(W - L)), stopping when the (activation-weighted) error grows."""
+    L <- SVD_r(W - ternary(W - L)), stopping when the (activation-weighted) error grows.
+
+    With `calib_inputs` (tokens x K) and any of gptq / whiten / fit_scales on, the calibrated quantizer
+    (quant_ops/calibrated.py): GPTQ rounding of the codes, branch and row scales fitted to the
+    activation-weighted error."""
     _check_linear(weight, GROUP_SIZE, "ternary", rank)
     w = weight.float()
+    if calib_inputs is not None and (gptq or whiten or fit_scales):
+        from . import calibrated
+
+        x = _calib_matrix(calib_inputs, w.shape[1], w.device, "ternary")
+        a = None if act_absmax is None else _absmax_vector(act_absmax, w.shape[1], w.device, "ternary")
+        return calibrated.ternary(w, bias, rank, x, a, act_int8, dtype, min(iters, CALIB_TERNARY_ITERS), gptq, whiten,
+                                  fit_scales, damp)
     # activation-aware weighting of the low-rank fit: channels with large inputs matter more
     d = torch.ones(w.shape[1], device=w.device)
     if act_absmax is not None:
-        a = act_absmax.to(w.device).float().reshape(-1).clamp_min(1e-5)
-        if a.numel() != w.shape[1]:
-            raise ValueError(f"ternary: act_absmax has {a.numel()} channels, expected in_features = {w.shape[1]}")
+        a = _absmax_vector(act_absmax, w.shape[1], w.device, "ternary").clamp_min(1e-5)
         d = (a / a.mean()).sqrt().clamp(1e-2, 1e2)
     b = None if bias is None else bias.to(dtype)
     up = down = None

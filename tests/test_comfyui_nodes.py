@@ -506,10 +506,13 @@ def test_server_calibrate_then_quantize_with_it_then_sample(server, latent16):
         meta, keys = f.metadata(), set(f.keys())
         amax = {k: f.get_tensor(k) for k in keys}
     w4 = checkpoint.read_info(str(server.models / "diffusion_models" / "tiny_flux_w4a4.safetensors"))
-    assert keys == {f"{name}.input_absmax" for name in w4.layers}
-    assert meta["lowbit.calib_version"] == "1" and int(meta["lowbit.samples"]) == 3
+    assert keys == {f"{name}.input_{what}" for name in w4.layers for what in ("absmax", "sample")}
+    assert meta["lowbit.calib_version"] == "2" and int(meta["lowbit.samples"]) == 3
     for k, t in amax.items():
-        assert t.dtype == torch.float32 and t.dim() == 1 and (t > 0).all(), k
+        if k.endswith("_absmax"):
+            assert t.dtype == torch.float32 and t.dim() == 1 and (t > 0).all(), k
+        else:  # 3 steps of a 32x32 latent: fewer rows than 256, so every row seen is kept
+            assert t.dtype == torch.bfloat16 and t.dim() == 2 and 0 < t.shape[0] <= 256, (k, t.shape)
     assert amax["double_blocks.0.img_attn.qkv.input_absmax"].shape == (256,)
     assert amax["single_blocks.0.linear2.input_absmax"].shape == (256 + 1024,)
 
@@ -526,3 +529,43 @@ def test_server_calibrate_then_quantize_with_it_then_sample(server, latent16):
     assert rel < LATENT_TOL["ternary"]
     with pytest.raises(ComfyError, match=r"tiny_flux_calibrated\.safetensors.*already exists"):
         server.run(quant)
+
+
+# measured on this machine (BENCHMARKS.md): W4A4 0.110 vs 0.125 with the ranges only (0.113 data-free), ternary
+# 0.220 vs 0.240 (0.260 data-free); issue 14's targets (0.08 / 0.18) are not reached on this random-weight model
+
+
+def test_server_calibrated_quantizers_latent_error(server, latent16, tmp_path):
+    """Calibrate through ComfyUI on other noise, conditioning and resolution than the evaluation (batch 4,
+    128x128, 3 steps), then quantize with the input ranges only (a version 1 file: today's calibrated
+    quantizer) and with the input samples (the calibrated quantizers); sample the evaluation workflow."""
+    from comfyui_harness import output_files
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from comfyui_lowbit import checkpoint
+
+    wf = {"1": _unet_loader("tiny_flux_bf16.safetensors"),
+          "2": {"class_type": "LowBitTestConditioning", "inputs": {"seed": 11, "tokens": 8, "context_dim": 128, "pooled_dim": VEC}},
+          "10": {"class_type": "LowBitCalibrate", "inputs": {"model": ["1", 0], "tokens_per_layer": 256}}}
+    wf.update(_sampler(["10", 0], ["2", 0], "t/calib4", seed=1))
+    wf["4"]["inputs"].update(width=128, height=128, batch_size=4)
+    wf["11"] = {"class_type": "LowBitSaveCalibration", "inputs": {"model": ["10", 0], "samples": ["5", 0], "filename_prefix": "lowbit/calib4"}}
+    calib = str(server.output / output_files(server.run(wf), "11", "text")[0])
+    with safe_open(calib, "pt") as f:
+        assert f.metadata()["lowbit.calib_version"] == "2"
+        v1 = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".input_absmax")}
+        assert f.get_tensor("double_blocks.0.img_attn.qkv.input_sample").shape == (256, 256)
+    calib_v1 = str(tmp_path / "calib_v1.safetensors")
+    save_file(v1, calib_v1, metadata={"lowbit.calib_version": "1"})
+    src = str(server.models / "diffusion_models" / "tiny_flux_bf16.safetensors")
+    rel = {}
+    for fmt, rank in (("svdq_w4a4", 16), ("ternary", 32)):
+        for tag, c in (("ranges only", calib_v1), ("samples", calib)):
+            name = f"tiny_flux_{fmt}_{'v1' if c is calib_v1 else 'v2'}.safetensors"
+            s = checkpoint.quantize_file(src, str(server.models / "diffusion_models" / name), fmt, rank=rank, calib=c)
+            lat = _latent(server, server.run(_sampling(_lowbit_loader(name), f"t/{name}")))
+            rel[(fmt, tag)] = _rel(lat, latent16)
+            print(f"{fmt} r{rank} calibrated ({tag}): latent relative L2 {rel[(fmt, tag)]:.4f}, {s['seconds']:.0f} s")
+    for fmt in ("svdq_w4a4", "ternary"):
+        assert rel[(fmt, "samples")] < rel[(fmt, "ranges only")], rel

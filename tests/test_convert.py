@@ -191,6 +191,36 @@ def test_calibration_file(tmp_path, tiny, caplog):
     assert torch.all(layers["double_blocks.1.img_attn.qkv"].smooth == 1)
 
 
+def test_calibration_samples_cli_reports_held_out_errors(tmp_path, tiny, capsys):
+    """A version 2 file (InputRecorder rows) drives the calibrated quantizer of the layers it covers; the
+    summary prints their held-out output errors; --calib-tokens caps the rows used."""
+    from comfyui_lowbit.quant_ops import InputRecorder
+
+    sd16 = tiny_flux_state_dict()
+    rec = InputRecorder(tokens=64)
+    g = torch.Generator().manual_seed(0)
+    names = ["double_blocks.0.img_attn.qkv", "single_blocks.1.linear2"]
+    for name in names:
+        k = sd16[f"{name}.weight"].shape[1]
+        rec.record(name, torch.randn(2, 60, 8, generator=g) @ torch.randn(8, k, generator=g) + 0.1 * torch.randn(2, 60, k, generator=g))
+    calib = checkpoint.save_calibration(str(tmp_path / "calib2.safetensors"), rec.tensors(), samples=2, tokens=64)
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        checkpoint.save_calibration(calib, rec.tensors(), samples=2, tokens=64)
+    dst = str(tmp_path / "t.safetensors")
+    assert cli.main(["quantize", tiny, dst, "--format", "ternary", "--rank", "0", "--calib", calib,
+                     "--calib-tokens", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out calibration inputs" in out and all(n in out for n in names) and "2 layers" in out
+    errs = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.strip().startswith(tuple(names))}
+    assert set(errs) == set(names) and all(0 < e < 1 for e in errs.values()), errs
+    assert json.loads(checkpoint.read_info(dst).metadata["lowbit.args"])["gptq"] is True
+    f = checkpoint.CalibrationFile(calib, max_tokens=48)
+    fit, held = f.sample(names[0], 256)
+    assert fit.shape == (42, 256) and held.shape == (6, 256)
+    with pytest.raises(ValueError, match=r"input_sample has shape \(64, 256\), expected \(tokens, 128\)"):
+        checkpoint.CalibrationFile(calib).sample(names[0], 128)
+
+
 def test_t5_quantize_and_inspect_cli(tmp_path, capsys):
     src = write_tiny_t5(tmp_path / "t5.safetensors")
     dst = str(tmp_path / "t5-w4a16.safetensors")

