@@ -68,7 +68,7 @@ def _int4_sign_magnitude(n):
     """Each byte of n holds a nibble n_b (two's complement int4) -> the e4m3 byte of q * 2^-9: n_b < 8: n_b;
     else 0x80 | (16 - n_b) = 0x90 - n_b (no borrow between bytes: n_b <= 15)."""
     neg = ((n >> 3) & 0x01010101) * 0xFF
-    return ((0x90909090 - n) & neg) | (n & ~neg)
+    return ((0x90909090 - n) & neg) | (n & (neg ^ 0xFFFFFFFF))  # not ~: older interpreters reject it on uint32
 
 
 @triton.jit
@@ -107,8 +107,9 @@ def unpack_ternary_e4m3(w):
 @triton.jit
 def _ternary_e4m3_field(x):
     """Field v in bits 0-1 of each byte of x -> e4m3 byte of (v - 1) * 2^-6."""
-    mag = ~x & 0x01010101
-    neg = ~x & ~(x >> 1) & 0x01010101
+    inv = x ^ 0xFFFFFFFF  # ~x (older Triton interpreters reject ~ on uint32)
+    mag = inv & 0x01010101
+    neg = inv & ((x >> 1) ^ 0xFFFFFFFF) & 0x01010101
     return (mag << 3) | (neg << 7)
 
 
