@@ -60,8 +60,8 @@ step() {  # step NAME SECONDS COMMAND...
 # table), the ceilings; the tuning steps last (their table is for the next runs and for users)
 step env 30 bash -c "nvidia-smi || true; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")'; $PY -m pytest --version"
 step gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_kernels_fp8.py
-step bench-layers 150 bash -c "$PY scripts/lowbit.py bench $BENCH --m $BENCH_M --no-model --out $WORK/layers --force && cp $WORK/layers/bench.json $OUT/bench.json"
-step bench-model 180 bash -c "$PY scripts/lowbit.py bench $BENCH --no-layers --model-formats $MODELS --out $WORK/model --force && cp $WORK/model/bench.json $OUT/model.json"
+step bench-layers 150 bash -c "$PY -m comfyui_lowbit.cli bench $BENCH --m $BENCH_M --no-model --out $WORK/layers --force && cp $WORK/layers/bench.json $OUT/bench.json"
+step bench-model 180 bash -c "$PY -m comfyui_lowbit.cli bench $BENCH --no-layers --model-formats $MODELS --out $WORK/model --force && cp $WORK/model/bench.json $OUT/model.json"
 step kernel-timings 90 $PY -m comfyui_lowbit.kernels.bench_kernels $TINY --m 1 512 4608 --shapes attn.qkv linear1 linear2
 step ceilings 120 bash -c "test -f gpu_tools/gpu-ceilings.py || { echo 'gpu_tools/gpu-ceilings.py missing: copy it from ../shared/tools and carry gpu_tools'; exit 3; }; $PY gpu_tools/gpu-ceilings.py $OUT/ceilings.json"
 step tune 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_int4 w4a4 --out $TABLES && cp $TABLES/*.json $OUT/"
