@@ -184,7 +184,7 @@ def _t5_config(sd: dict, layers: dict, info) -> dict | None:
     return {k: cfg[k] for k in T5_CONFIG_KEYS if k in cfg}
 
 
-def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None, activations: str = "auto"):
+def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None):
     """A ComfyUI CLIP (FLUX: CLIP-L + T5-XXL) from files of which any may be lowbit. Encoders smaller
     than CLIP-L / T5-XXL (tests, distilled encoders) get ComfyUI config overrides read from their shapes."""
     state_dicts, layers, options = [], {}, {}
@@ -214,7 +214,6 @@ def load_lowbit_text_encoders(paths: list[str], dtype: torch.dtype | None = None
                          f"encoders took {n_quant}; the layer names do not match ComfyUI's T5 / CLIP")
     if layers:  # LoraLoader's clip LoRAs on quantized layers go into their low-rank branch too
         clip.patcher = wrap_patcher(clip.patcher)
-        _set_activations(clip.cond_stage_model, activations, clip.patcher.load_device)
     return clip
 
 
@@ -228,8 +227,6 @@ class LowBitTextEncoderLoader:
             "compute_dtype": (list(DTYPES), {"default": "auto",
                               "tooltip": "16-bit dtype of the quantized layers' scales and low-rank branch; auto keeps "
                                          "the text encoder's dtype."}),
-        }, "optional": {
-            "activations": (list(quant_ops.ACTIVATIONS), {"default": "auto", "tooltip": ACTIVATIONS_TIP}),
         }}
 
     RETURN_TYPES = ("CLIP",)
@@ -237,6 +234,6 @@ class LowBitTextEncoderLoader:
     CATEGORY = "lowbit"
     DESCRIPTION = "Loads FLUX's two text encoders, either of which may be a lowbit checkpoint."
 
-    def load(self, clip_name1, clip_name2, compute_dtype="auto", activations="auto"):
+    def load(self, clip_name1, clip_name2, compute_dtype="auto"):
         paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
-        return (load_lowbit_text_encoders(paths, DTYPES[compute_dtype], activations),)
+        return (load_lowbit_text_encoders(paths, DTYPES[compute_dtype]),)
