@@ -32,3 +32,19 @@ def load_partial(ptrs, mask):
 @triton.jit
 def reset_arrivals(cnt_ptr, tile):
     tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def split_total(acc, part_ptr, cnt_ptr, pid_s, tile, offs_m, offs_n, M, N, NSPLIT: tl.constexpr):
+    """Store this program's (BLOCK_N, BLOCK_M) partial of out^T and count it in; returns (last, total): in the
+    tile's last program to arrive, last is true and total the sum of all partials in split order, and that
+    program finishes the tile and calls reset_arrivals."""
+    parts = part_ptr + offs_m[None, :] * N + offs_n[:, None]
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    tl.store(parts + pid_s * M * N, acc, mask=mask)
+    last = arrived_last(cnt_ptr, tile, NSPLIT)
+    total = tl.zeros(acc.shape, acc.dtype)
+    if last:
+        for s in range(0, NSPLIT):
+            total += load_partial(parts + s * M * N, mask)
+    return last, total
