@@ -36,11 +36,13 @@ def _prune(cfgs, named_args, **kwargs):
 
 @triton.autotune(configs(CONFIGS, {"BLOCK_N": 32, "BLOCK_M": 16, "GROUP_M": 4}), key=["M_KEY", "N", "K", "R", "NSPLIT"],
                  prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0})
 @triton.jit
 def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                  M, N, K, R, M_KEY, W_ROW, STRIDE_AM, STRIDE_AG, NSPLIT,
                  HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, GS: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EVEN_M: tl.constexpr):
+    """EVEN_M: M is a multiple of BLOCK_M (no token mask in the main loop)."""
     pid_m, pid_n = swizzle(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -49,13 +51,14 @@ def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_pt
     G = K // GS
     per = tl.cdiv(G, NSPLIT)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    m_ok = (offs_m < M) | EVEN_M
     for g in range(pid_s * per, tl.minimum(pid_s * per + per, G)):
-        w = int4_tile_i8(load_words(w_ptr, offs_n, g * (GS // 8), W_ROW, N, GS // 8), True)
-        x = tl.load(qx_ptr + offs_m[None, :] * K + (g * GS + k_order)[:, None], mask=offs_m[None, :] < M, other=0)
-        d = tl.dot(w, x, out_dtype=tl.int32)
-        sa = tl.load(as_ptr + offs_m * STRIDE_AM + g * STRIDE_AG, mask=offs_m < M, other=0.0)
+        # scales first: their loads are in flight during the decode and the dot
+        sa = tl.load(as_ptr + offs_m * STRIDE_AM + g * STRIDE_AG, mask=m_ok, other=0.0)
         sw = tl.load(ws_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
-        acc = _rescale(d, sw, sa, acc)
+        w = int4_tile_i8(load_words(w_ptr, offs_n, g * (GS // 8), W_ROW, N, GS // 8), True)
+        x = tl.load(qx_ptr + offs_m[None, :] * K + (g * GS + k_order)[:, None], mask=m_ok[None, :], other=0)
+        acc = _rescale(tl.dot(w, x, out_dtype=tl.int32), sw, sa, acc)
     if NSPLIT == 1:
         acc = lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R, HAS_LR, HAS_BIAS, BLOCK_R)
         store_tile_t(out_ptr, acc, offs_m, offs_n, M, N)

@@ -108,9 +108,10 @@ def cases(arch: str) -> list:
     w4a4_types = dict(qx_ptr=I8, as_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr=F32, cnt_ptr="*i32",
                       STRIDE_AG=I32, NSPLIT=I32, **lowrank, **sizes)
     flags = dict(HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32, STRIDE_AM=1)  # scales stored (G, M)
-    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias": dict(flags, NSPLIT=1)},
+    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types,
+                   {"lr+bias": dict(flags, NSPLIT=1, EVEN_M=True), "lr+bias ragged": dict(flags, NSPLIT=1, EVEN_M=False)},
                    w4a4.CONFIGS, GEMM_CHECKS + ("no_int_to_float",), only_first=first)
-    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias splitk": flags},
+    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias splitk": dict(flags, EVEN_M=False)},
                    [c for c in w4a4.CONFIGS if c["BLOCK_M"] <= w4a4.SMALL_M], GEMM_CHECKS + ("no_int_to_float",),
                    only_first=first)
     int8_types = dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr="*i32", cnt_ptr="*i32",
