@@ -7,8 +7,8 @@ Conventions shared with the Triton kernels:
   reciprocal per channel or group; a group whose scale is 0 (or below FLT_MIN) gets codes 0. Signed int4:
   qmax 7, qmin -8. Unsigned int4: qmax 15, qmin 0. Int8 (ternary): one group spanning K, +-127.
 - "compute dtype" is the 16-bit dtype of the layer's 16-bit tensors; 16-bit matmuls take operands in
-  it and accumulate in float32. Integer dots are exact; they are rescaled in float32 group by group:
-  acc += dot * (a_scale * w_scale).
+  it and accumulate in float32. Integer dots are exact; W4A4 rescales them in float32 group by group:
+  acc += (dot * w_scale) * a_scale.
 - The low-rank branch reads the raw input: lr = round_to_compute_dtype(x @ proj_down), then
   out += lr @ proj_up^T in float32, then + bias, then cast to the output dtype.
 - FP8 activations (e4m3, torch.float8_e4m3fn): per token over all of K, after smoothing, no shift;
@@ -118,7 +118,7 @@ def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, o
     for g in range(groups):
         sl = slice(g * gs, (g + 1) * gs)
         dot = xf[:, sl] @ qw[:, sl].t()  # exact: |values| < 2^24
-        acc = acc + dot * (ascales[:, g : g + 1] * wscales[g].float().unsqueeze(0))
+        acc = acc + (dot * wscales[g].float().unsqueeze(0)) * ascales[:, g : g + 1]
     return _epilogue(acc, lr, proj_up, bias, out_dtype)
 
 

@@ -7,10 +7,18 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.target_info import is_cuda
+from triton.runtime.jit import constexpr_function
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_RANK = 256
 _UPCAST = tl.constexpr(INTERPRET)
+
+
+@constexpr_function
+def inline_ptx():
+    """Inline PTX allowed: compiling for an NVIDIA GPU (not interpreting, not compiling for AMD)."""
+    return not INTERPRET and is_cuda()
 
 
 def configs(full, interpreted):

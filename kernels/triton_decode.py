@@ -8,7 +8,7 @@ the JIT sees it divisible by 16: 16-byte vector loads, which the pipeliner turns
 import triton
 import triton.language as tl
 
-from .triton_common import cast
+from .triton_common import cast, inline_ptx
 
 INT4_PER_BYTE = tl.constexpr(2)
 TERNARY_PER_BYTE = tl.constexpr(4)
@@ -231,3 +231,41 @@ def ternary_tile_i8(words, DOT_ORDER: tl.constexpr):
     # (..., c1, c0, y1, y0): byte 2 y1 + y0 -> (..., y1, y0, c1, c0)
     d = d.reshape(BN, words.shape[1], 4, 4).permute(0, 1, 3, 2)
     return _order(d, BN, words.shape[1] * 16, 16, 4, DOT_ORDER)
+
+
+@triton.jit
+def _bytes(v):
+    """int32 (...) -> int8 (..., 2, 2): its bytes, lowest first."""
+    return tl.join(tl.join(v.to(tl.int8), (v >> 16).to(tl.int8)), tl.join((v >> 8).to(tl.int8), (v >> 24).to(tl.int8)))
+
+
+@triton.jit
+def _prmt(a, b, SEL: tl.constexpr):
+    """Byte permute of int32 tensors (PTX prmt.b32, default mode): byte i of the result is byte SEL >> 4i & 7 of
+    the 8 bytes (a, b). Shifts and masks where there is no inline PTX (interpreter, AMD)."""
+    if not inline_ptx():
+        r = tl.zeros(a.shape, tl.int32)
+        for i in tl.static_range(4):
+            src = a if ((SEL >> (4 * i)) & 7) < 4 else b
+            r |= ((src >> (8 * ((SEL >> (4 * i)) & 3))) & 0xFF) << (8 * i)
+    elif SEL == 0x5140:
+        r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5140;", "=r,r,r", [a, b], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        tl.static_assert(SEL == 0x7362)
+        r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7362;", "=r,r,r", [a, b], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    return r
+
+
+@triton.jit
+def int4_tile_i8(words, DOT_ORDER: tl.constexpr):
+    """int4 words (BLOCK_N, BLOCK_K / 8) -> (BLOCK_N, BLOCK_K) int8 values x 16 (exact: the caller divides the
+    dot by 16), in dot_k_order(BLOCK_K, 4) if DOT_ORDER else in K order. A unit (4 consecutive k) is two stored
+    bytes: byte b of a word holds elements 2b (low nibble) and 2b + 1, so unit c of a word is the bytes
+    (lo_2c, hi_2c, lo_2c+1, hi_2c+1) of lo = nibbles moved up, hi = high nibbles: one byte permute each."""
+    BN: tl.constexpr = words.shape[0]
+    lo = (words << 4) & -252645136  # & 0xF0F0F0F0: element 8i + 2b, x16, in byte b
+    hi = words & -252645136  # element 8i + 2b + 1, x16
+    d = tl.join(_bytes(_prmt(lo, hi, 0x5140)), _bytes(_prmt(lo, hi, 0x7362)))  # (BN, words, byte (2), unit)
+    return _order(d.permute(0, 1, 4, 2, 3), BN, words.shape[1] * 8, 8, 4, DOT_ORDER)

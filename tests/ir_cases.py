@@ -108,9 +108,10 @@ def cases(arch: str) -> list:
     w4a4_types = dict(qx_ptr=I8, as_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr=F32, cnt_ptr="*i32",
                       STRIDE_AG=I32, NSPLIT=I32, **lowrank, **sizes)
     flags = dict(HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32, STRIDE_AM=1)  # scales stored (G, M)
-    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias": dict(flags, NSPLIT=1)},
+    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types,
+                   {"lr+bias": dict(flags, NSPLIT=1, EVEN_M=True), "lr+bias ragged": dict(flags, NSPLIT=1, EVEN_M=False)},
                    w4a4.CONFIGS, GEMM_CHECKS + ("no_int_to_float",), only_first=first)
-    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias splitk": flags},
+    out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias splitk": dict(flags, EVEN_M=False)},
                    [c for c in w4a4.CONFIGS if c["BLOCK_M"] <= w4a4.SMALL_M], GEMM_CHECKS + ("no_int_to_float",),
                    only_first=first)
     int8_types = dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr="*i32", cnt_ptr="*i32",
@@ -133,6 +134,15 @@ def cases(arch: str) -> list:
         out += _family("wonly_large", "triton_wonly", "_wonly_kernel", wonly_types,
                        {k: dict(v, NSPLIT=1) for k, v in variants[fmt].items()}, by_size["large"], WONLY_CHECKS[fmt],
                        only_first=first)
+    if arch == "sm90":  # FP8 tensor cores: sm_89+ (the fp8 activation mode is off elsewhere)
+        fp8 = _mod("triton_fp8")
+        fp8_types = dict(x_ptr="*fp8e4nv", xs_ptr=F32, w_ptr="*i32", ws_ptr=BF, out_ptr=BF, **lowrank,
+                         **sizes)
+        fp8_flags = dict(SUBNORMAL=True, HAS_LR=True, HAS_BIAS=True, BLOCK_K=64, BLOCK_R=32)
+        out += _family("fp8_int4", "triton_fp8", "_int4_kernel", fp8_types, {"lr+bias": dict(fp8_flags, TERNARY=False)},
+                       fp8.INT4_CONFIGS)
+        out += _family("fp8_ternary", "triton_fp8", "_ternary_kernel", fp8_types,
+                       {"lr+bias": dict(fp8_flags, TERNARY=True)}, fp8.TERNARY_CONFIGS)
     out += _family("dequant", "triton_wonly", "_dequant_kernel",
                    dict(w_ptr=U8, ws_ptr=BF, wz_ptr=BF, up_ptr=BF, out_ptr=BF, N=I32, K=I32, R=I32, W_ROW=I32,
                         OUT_ROW=I32),

@@ -36,8 +36,19 @@ def compile_kernel(kernel, types: dict, consts: dict, num_warps: int, num_stages
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a] != "constexpr" and a not in not_divisible and (sig[a].startswith("*") or sig[a] == "i32")}
     target = GPUTarget("hip", arch, 64) if arch.startswith("gfx") else GPUTarget("cuda", int(arch[2:]), 32)
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    # target_info.is_cuda() & co. (inline PTX guards) ask the active driver; here the target is not this machine's
+    import triton.language.target_info as target_info
+
+    def current_target():
+        return target
+
+    current_target.__triton_builtin__ = True
+    active, target_info.current_target = target_info.current_target, current_target
+    try:
+        return triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    finally:
+        target_info.current_target = active
 
 
 def ptx_loops(ptx: str) -> list:
@@ -72,7 +83,24 @@ def _first(loops, pattern):
     return next((l for l in loops if re.search(pattern, l)), "")
 
 
-def _res_usage(cubin: bytes, arch: str) -> dict:
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def sass_loop(sass: str) -> list:
+    """(address, opcode) of the SASS main loop: the first loop (a label up to the first branch back to it) holding a
+    tensor-core op (HGMMA/IGMMA/QGMMA/HMMA/IMMA)."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(SASS_LINE.search, sass.splitlines()) if m]
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = [(a, o) for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
+            if any(re.match(r"[HIQ]GMMA|HMMA|IMMA", o) for _, o in body):
+                return body
+    return []
+
+
+def _sass_counts(cubin: bytes, arch: str) -> dict:
+    """Registers and spills (cuobjdump -res-usage) and the SASS main loop's instruction counts (cuobjdump -sass)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     tool = os.path.join(os.path.dirname(get_ptxas(int(arch[2:])).path), "cuobjdump")
@@ -81,10 +109,16 @@ def _res_usage(cubin: bytes, arch: str) -> dict:
         f.write(cubin)
     try:
         out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
     finally:
         os.remove(path)
     got = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
-    return {"registers": got.get("REG"), "spill_bytes": got.get("STACK", 0) + got.get("LOCAL", 0)}
+    loop = [op for _, op in sass_loop(sass)]
+    count = lambda pattern: sum(bool(re.match(pattern, op)) for op in loop)
+    return {"registers": got.get("REG"), "spill_bytes": got.get("STACK", 0) + got.get("LOCAL", 0),
+            "sass_loop": len(loop), "sass_loop_mma": count(r"[HIQ]GMMA|HMMA|IMMA"),
+            "sass_loop_mma_waits": count(r"WARPGROUP\.DEPBAR"), "sass_loop_fp32": count(r"F(?:ADD|MUL|FMA)\b"),
+            "sass_loop_moves": count(r"(?:IMAD\.)?MOV\b|CS2R\b"), "sass_loop_byte_permutes": count(r"PRMT\b")}
 
 
 def analyze(compiled, arch: str) -> dict:
@@ -124,7 +158,7 @@ def analyze(compiled, arch: str) -> dict:
         "loop_sync_2d_loads": len(re.findall(r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr", tloop)),
         "cp_async_bytes": sorted({int(b, 16) for b in re.findall(r"cp\.async\.c[ag]\.shared\.global[^\n]*, (0x[0-9a-f]+)", ptx)}),
     })
-    info.update(_res_usage(asm["cubin"], arch))
+    info.update(_sass_counts(asm["cubin"], arch))
     return info
 
 

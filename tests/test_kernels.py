@@ -135,9 +135,11 @@ def test_quantize_act_int8_and_lora_down(dtype, m, k, rank):
     assert triton_ops.lora_down(x, None) is None
 
 
-# (M, N, K, rank, bias, unsigned); K = 1024 and 512 at M <= 64 split K over 4 and 2 programs
+# (M, N, K, rank, bias, unsigned); K = 1024 and 512 at M <= 64 split K over 4 and 2 programs; M = 32 fills
+# whole token blocks (no token mask)
 GEMM_CASES = [(1, 48, 192, 16, True, False), (33, 40, 128, 48, True, True), (20, 32, 64, 0, False, False),
-              (1, 40, 1024, 16, True, False), (33, 96, 512, 48, False, True), (65, 64, 256, 32, True, False)]
+              (1, 40, 1024, 16, True, False), (33, 96, 512, 48, False, True), (65, 64, 256, 32, True, False),
+              (32, 40, 192, 16, True, True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
