@@ -15,7 +15,7 @@ import triton.language as tl
 from .triton_common import (INTERPRET, candidates, check_rank, configs, inline_ptx, lowrank_bias_t, m_bucket,
                             sm_count, store_tile_t, swizzle)
 from .triton_decode import dot_k_order, int4_tile_i8, load_words
-from .triton_splitk import arrived_last, load_partial, reset_arrivals, tile_counters
+from .triton_splitk import reset_arrivals, split_total, tile_counters
 from .tuning import launch
 
 MAGIC_BITS = tl.constexpr(0x4B400000)  # float32 1.5 * 2^23
@@ -63,14 +63,9 @@ def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_pt
         acc = lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R, HAS_LR, HAS_BIAS, BLOCK_R)
         store_tile_t(out_ptr, acc, offs_m, offs_n, M, N)
     else:
-        parts = part_ptr + offs_m[None, :] * N + offs_n[:, None]
-        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-        tl.store(parts + pid_s * M * N, acc, mask=mask)
         tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-        if arrived_last(cnt_ptr, tile, NSPLIT):
-            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            for s in range(0, NSPLIT):
-                acc += load_partial(parts + s * M * N, mask)
+        last, acc = split_total(acc, part_ptr, cnt_ptr, pid_s, tile, offs_m, offs_n, M, N, NSPLIT)
+        if last:
             acc = lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R, HAS_LR, HAS_BIAS, BLOCK_R)
             store_tile_t(out_ptr, acc, offs_m, offs_n, M, N)
             reset_arrivals(cnt_ptr, tile)
