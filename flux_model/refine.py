@@ -40,7 +40,13 @@ def _outputs(block, run, inputs):
 def refine_flux_checkpoint(path: str, src: str, calib: str, steps: int, device="cpu", lr: float = REFINE_LR,
                            progress=None, train=REFINE_TENSORS, formats=REFINE_FORMATS) -> dict:
     """Refine the lowbit FLUX checkpoint at `path` (quantized from `src`) in place, atomically.
-    progress(done, total) after every block. Returns {"blocks": [(name, error before, error after)], "seconds"}."""
+    progress(done, total) after every block. Returns {"blocks": [(name, error before, error after)], "seconds"}.
+    Trains with autograd even when called under torch.inference_mode (ComfyUI nodes)."""
+    with torch.inference_mode(False):
+        return _refine(path, src, calib, steps, device, lr, progress, train, formats)
+
+
+def _refine(path, src, calib, steps, device, lr, progress, train, formats):
     t0 = time.time()
     if steps < 1:
         raise ValueError(f"refine steps must be >= 1, got {steps}")

@@ -39,7 +39,14 @@ def noise_power(x, lam16, unsigned: bool) -> torch.Tensor:
 def fit_smooth_branch(w, x, lam16, up, down, unsigned: bool, steps: int = ACT_FIT_STEPS, lr: float = ACT_FIT_LR):
     """Adam on log lambda and the branch (up (N, r), down (K, r) reading the raw input) minimising
     ||Q_a(x / lam) Q_w((W - up down^T) lam)^T + x down up^T - x W^T|| on x; rounding passed straight through.
-    Returns (lambda float32 (K,), up, down) float32."""
+    Returns (lambda float32 (K,), up, down) float32. Runs with autograd even under torch.inference_mode (ComfyUI)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        # clones: tensors made under inference mode cannot be saved for backward
+        return _fit(w.clone(), x.clone(), lam16.clone(), None if up is None else up.clone(),
+                    None if down is None else down.clone(), unsigned, steps, lr)
+
+
+def _fit(w, x, lam16, up, down, unsigned, steps, lr):
     loglam = torch.nn.Parameter(lam16.float().log())
     params = [{"params": [loglam], "lr": lr}]
     tensors = [loglam]
@@ -52,17 +59,16 @@ def fit_smooth_branch(w, x, lam16, up, down, unsigned: bool, steps: int = ACT_FI
     with torch.no_grad():
         y = x @ w.t()
         y_norm = (y ** 2).sum().clamp_min(1e-30)
-    with torch.enable_grad():
-        for _ in range(steps):
-            lam = loglam.exp()
-            branch = None if up is None else up @ down.t()
-            resid = w if branch is None else w - branch
-            wq = _int4_groups(resid * lam, -8, 7, lambda g: g.abs().amax(-1, keepdim=True))
-            yq = fake_act_int4(x, lam, unsigned) @ wq.t()
-            if branch is not None:
-                yq = yq + (x @ down) @ up.t()
-            loss = ((yq - y) ** 2).sum() / y_norm
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for _ in range(steps):
+        lam = loglam.exp()
+        branch = None if up is None else up @ down.t()
+        resid = w if branch is None else w - branch
+        wq = _int4_groups(resid * lam, -8, 7, lambda g: g.abs().amax(-1, keepdim=True))
+        yq = fake_act_int4(x, lam, unsigned) @ wq.t()
+        if branch is not None:
+            yq = yq + (x @ down) @ up.t()
+        loss = ((yq - y) ** 2).sum() / y_norm
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return tuple(None if t is None else t.detach() for t in (loglam.exp(), up, down))

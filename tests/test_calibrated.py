@@ -66,6 +66,12 @@ def test_w4a4_act_fit_lowers_the_error_with_int4_activations(layer):
     assert with_fit < 0.97 * without, (without, with_fit)
 
 
+def test_act_fit_trains_under_inference_mode(layer):
+    """ComfyUI runs nodes under torch.inference_mode: act_fit must still get gradients."""
+    with torch.inference_mode():
+        assert _q(layer, "svdq_w4a4", 8, calib_inputs=layer[1], iters=1, search_iters=1, alphas=(0.5,), act_fit=3) < 1
+
+
 def test_ternary_improvements_each_beat_todays(layer):
     x_cal = layer[1]
     off = dict(gptq=False, whiten=False, fit_scales=False)
