@@ -1,6 +1,8 @@
 """Calibration files: per block linear `<layer>.input_absmax` (K,) float32 and, from version 2 on,
-`<layer>.input_sample` (tokens, K) bf16, a uniform sample of the layer's input rows in random order.
-Version 1 files (absmax only) still load: their layers are quantized with the absmax alone."""
+`<layer>.input_sample` (tokens, K) bf16, a uniform sample of the layer's input rows in random order; optionally
+`block_input.<i>.<name>`: a few whole inputs of the model's first block (FLUX: img, txt, vec, pe_cos, pe_sin;
+batch 1 each) for block-wise refinement. Version 1 files (absmax only) still load: their layers are quantized
+with the absmax alone."""
 import json
 import os
 
@@ -13,11 +15,14 @@ from .lowbit_file import unreadable_error
 CALIB_VERSION = "2"
 VERSIONS = ("1", "2")
 HELD_OUT_EVERY = 8  # every 8th sampled row is held out: it measures, it does not fit
+BLOCK_INPUT = "block_input"
+BLOCK_INPUT_NAMES = ("img", "txt", "vec", "pe_cos", "pe_sin")
 
 
 def save_calibration(path: str, tensors: dict, samples: int, tokens: int) -> str:
     """Write `tensors` (InputRecorder.tensors()) to `path` (never overwriting; temp file, then rename)."""
-    layers = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    layers = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith(BLOCK_INPUT + ".")})
+    items = len({k.split(".")[1] for k in tensors if k.startswith(BLOCK_INPUT + ".")})
     if not layers:
         raise ValueError("no activations were recorded: run a sampler (e.g. KSampler) with the MODEL from "
                          "'LowBit Calibrate' before saving, and pass its LATENT output to the save node")
@@ -25,7 +30,8 @@ def save_calibration(path: str, tensors: dict, samples: int, tokens: int) -> str
         raise FileExistsError(f"{path} already exists; choose another name (calibration files are never overwritten)")
     tmp = f"{path}.tmp-{os.getpid()}"
     meta = {"lowbit.calib_version": CALIB_VERSION, "lowbit.samples": str(samples),
-            "lowbit.sample_tokens": str(tokens), "lowbit.layers": json.dumps(layers)}
+            "lowbit.sample_tokens": str(tokens), "lowbit.layers": json.dumps(layers),
+            "lowbit.block_inputs": str(items)}
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
@@ -98,3 +104,33 @@ class CalibrationFile:
         held = torch.zeros(x.shape[0], dtype=torch.bool)
         held[HELD_OUT_EVERY - 1::HELD_OUT_EVERY] = True
         return (x[~held] if (~held).any() else None), (x[held] if held.any() else None)
+
+    def block_input_count(self) -> int:
+        return len({k.split(".")[1] for k in self.keys if k.startswith(BLOCK_INPUT + ".")})
+
+    def check_block_inputs(self) -> int:
+        """The number of recorded block inputs; none (or no file): ValueError saying why refinement cannot run."""
+        if self.path is None:
+            raise ValueError("block-wise refinement needs a calibration file with block inputs (--calib)")
+        n = self.block_input_count()
+        if not n:
+            raise ValueError(f"{self.path}: this calibration file holds no block inputs, so it cannot drive block-wise "
+                             f"refinement; record a new one with 'LowBit Calibrate' (block_inputs > 0)")
+        return n
+
+    def block_inputs(self, names=BLOCK_INPUT_NAMES) -> list[dict]:
+        """The recorded first-block inputs, float32, one dict per item; a file without them: ValueError saying so."""
+        n = self.check_block_inputs()
+        out = []
+        for i in range(n):
+            item = {}
+            for name in names:
+                key = f"{BLOCK_INPUT}.{i}.{name}"
+                if key not in self.keys:
+                    raise ValueError(f"{self.path}: {key} is missing (block input {i} needs {', '.join(names)})")
+                t = self._get(key).float()
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{self.path}: {key} contains inf or NaN")
+                item[name] = t
+            out.append(item)
+        return out

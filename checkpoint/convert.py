@@ -109,6 +109,23 @@ class _Source:
         return t
 
 
+class FluxSource:
+    """The 16-bit FLUX transformer of a quantize_file input (any layout it reads), tensors by BFL name, read on
+    demand (block-wise refinement reads one block at a time)."""
+
+    def __init__(self, path: str):
+        self.source = _Source(str(path))
+        model, self.plan, _, self.config, _ = _plan(self.source)
+        if model != "flux":
+            raise ValueError(f"{path}: a {model} file, expected a FLUX transformer")
+
+    def tensors(self, prefix: str) -> dict:
+        """{name without `prefix`: float32 tensor} of every tensor whose BFL name starts with `prefix`."""
+        names = [n for n in self.plan if n.startswith(prefix)]
+        with self.source.reader() as read:
+            return {n[len(prefix):]: _fetch(read, *self.plan[n]) for n in names}
+
+
 def _refuse_quantized(path: str, meta: dict, keys) -> None:
     """An input that is already quantized gets one line saying so, not a list of unexpected tensors."""
     from .nunchaku import is_nunchaku

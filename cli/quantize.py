@@ -4,7 +4,7 @@ import os
 import sys
 
 from ..checkpoint import DEFAULT_RANK
-from ..quant_ops import QUANT_FORMATS
+from ..quant_ops import ACT_FIT_STEPS, QUANT_FORMATS
 from .args import device
 
 
@@ -35,6 +35,18 @@ def add_parser(sub) -> None:
                    help="calibrated: fit the low-rank branch to the weight error, not the activation-weighted error")
     q.add_argument("--no-fit-scales", dest="fit_scales", action="store_false",
                    help="calibrated ternary: per-row scales by weight least squares, not activation-weighted")
+    q.add_argument("--act-fit", type=int, default=ACT_FIT_STEPS, metavar="STEPS",
+                   help=f"calibrated svdq_w4a4: steps of training the smoothing vector and low-rank branch against the "
+                        f"layer's output error with its int4 activations simulated (default {ACT_FIT_STEPS}; 0: off). "
+                        f"Per layer about STEPS x 6 x tokens x N x K flops, memory a few copies of the weight in fp32")
+    q.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="FLUX svdq_w4a4 / ternary: after quantizing, block-wise reconstruction: per transformer block, "
+                        "in order, STEPS Adam steps adjust the quantized layers' scales, low-rank branches and biases "
+                        "(codes untouched) so that the block's output matches the 16-bit block's on the calibration "
+                        "file's block inputs (LowBit Calibrate, block_inputs > 0). Time: about 3 x STEPS block "
+                        "forward passes per block (tiny FLUX on a CPU: seconds; FLUX.1-dev on one GPU: estimated "
+                        "10-20 minutes at 100 steps, not measured). Memory: the quantized checkpoint, one 16-bit block "
+                        "in fp32 and two copies of the block inputs (FLUX.1-dev 1024x1024: about 60 MB per input)")
     q.add_argument("--device", type=device, default="cpu", help="device to quantize on: cpu or cuda (default cpu)")
     q.add_argument("--group-size", type=int, choices=(64, 128), default=64,
                    help="group size of the w4a16 layers (default 64)")
@@ -56,9 +68,21 @@ def run_quantize(args) -> int:
         raise ValueError(f"--rank must be >= 0, got {rank}")
     if args.calib_tokens is not None and args.calib_tokens < 1:
         raise ValueError(f"--calib-tokens must be >= 1, got {args.calib_tokens}")
+    if args.refine < 0:
+        raise ValueError(f"--refine must be >= 0, got {args.refine}")
+    if args.refine:
+        if args.format == "w4a16":
+            raise ValueError("--refine applies to svdq_w4a4 and ternary FLUX checkpoints, not w4a16")
+        from ..checkpoint import CalibrationFile
+
+        CalibrationFile(args.calib).check_block_inputs()  # before hours of quantization, not after
+    if args.act_fit < 0:
+        raise ValueError(f"--act-fit must be >= 0, got {args.act_fit}")
     options = {"gptq": args.gptq, "whiten": args.whiten}
     if args.format == "ternary":
         options["fit_scales"] = args.fit_scales
+    else:
+        options["act_fit"] = args.act_fit
     options = None if args.format == "w4a16" else options
     logging.basicConfig(format="lowbit quantize: warning: %(message)s", level=logging.WARNING)
     bar = None
@@ -80,12 +104,35 @@ def run_quantize(args) -> int:
         raise
     if bar is not None:
         bar.close()
+    if args.refine and s["model"] != "flux":
+        logging.warning("%s: --refine applies to FLUX transformers only; not refined", args.input)
+    elif args.refine:
+        print_refine(run_refine(args, s["dst"]), args.refine)
     # the same layers the progress bar counted: quantized ones and those kept in 16 bits
     counts = ", ".join([f"{n} {f}" for f, n in sorted(s["layer_counts"].items())] + [f"{s['layers_16bit']} 16-bit"])
     print(f"{s['dst']}: {s['model']}, {s['layers_total']} layers ({counts}); input {gb(s['input_bytes'])}, output "
           f"{gb(s['output_bytes'])}, {s['ratio']:.2f}x smaller; {s['seconds']:.1f} s")
     print_layer_errors(s["layer_errors"])
     return 0
+
+
+def run_refine(args, path) -> dict:
+    from tqdm import tqdm
+
+    from ..flux_model import refine_flux_checkpoint
+
+    with tqdm(unit="block", desc="refine", file=sys.stderr) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        return refine_flux_checkpoint(path, args.input, args.calib, args.refine, device=args.device, progress=progress)
+
+
+def print_refine(r: dict, steps: int) -> None:
+    print(f"block-wise refinement ({steps} steps per block, {r['block_inputs']} block inputs, {r['seconds']:.1f} s): "
+          f"relative output error per block, before -> after")
+    for name, before, after in r["blocks"]:
+        print(f"  {name:40s} {before:.4f} -> {after:.4f}")
 
 
 def print_layer_errors(errors: dict) -> None:

@@ -9,27 +9,43 @@ import os
 
 import comfy.patcher_extension
 import folder_paths
+import torch
 
-from ..checkpoint import save_calibration
-from ..quant_ops import DEFAULT_TOKENS, InputRecorder
+from ..checkpoint import BLOCK_INPUT, save_calibration
+from ..flux_model import DEFAULT_BLOCK_INPUTS, block_input_item
+from ..quant_ops import DEFAULT_TOKENS, InputRecorder, ItemSampler
 
 ATTACHMENT = "lowbit_calibration"
 WRAPPER_KEY = "lowbit_calibrate"
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
 FLUX_DEV_MB_PER_TOKEN = 3.5  # bf16 rows of every FLUX.1-dev block linear input (1.75M channels)
+FLUX_DEV_MB_PER_BLOCK_INPUT = 31  # 1024x1024: (4096 + 512 tokens) x 3072 bf16 + rotary angles (fp32)
 MAX_TOKENS = 4096
+MAX_BLOCK_INPUTS = 64
 
 
 class CalibrationStats:
     """The recorder plus the model-call count, hooked into each model call of the calibrating clone."""
 
-    def __init__(self, tokens: int = DEFAULT_TOKENS):
+    def __init__(self, tokens: int = DEFAULT_TOKENS, block_inputs: int = DEFAULT_BLOCK_INPUTS):
         self.recorder = InputRecorder(tokens)
+        self.block_inputs = ItemSampler(block_inputs)
         self.samples = 0
+
+    def first_block_hook(self, module, args, kwargs):
+        """ComfyUI calls double_blocks[0](img=, txt=, vec=, pe=, attn_mask=, ...); pe (B, 1, L, D/2, 2, 2) holds
+        the rotations [[cos, -sin], [sin, cos]]. Calls with masks or other modulation layouts are not recorded."""
+        img, txt, vec, pe = (kwargs.get(k) for k in ("img", "txt", "vec", "pe"))
+        if not all(isinstance(t, torch.Tensor) for t in (img, txt, vec, pe)) or kwargs.get("attn_mask") is not None \
+                or pe.dim() != 6 or vec.dim() != 2:
+            return
+        self.block_inputs.record(block_input_item(img, txt, vec, pe[..., 0, 0], pe[..., 1, 0]))
 
     def apply_model_wrapper(self, executor, *args, **kwargs):
         dm = executor.class_obj.diffusion_model
         handles = self.recorder.attach(dm, lambda n: n.startswith(BLOCK_PREFIXES))
+        if self.block_inputs.items and len(getattr(dm, "double_blocks", ())):
+            handles.append(dm.double_blocks[0].register_forward_pre_hook(self.first_block_hook, with_kwargs=True))
         try:
             out = executor(*args, **kwargs)
         finally:
@@ -39,7 +55,8 @@ class CalibrationStats:
         return out
 
     def save(self, path: str) -> str:
-        return save_calibration(path, self.recorder.tensors(), self.samples, self.recorder.tokens)
+        tensors = {**self.recorder.tensors(), **self.block_inputs.tensors(BLOCK_INPUT)}
+        return save_calibration(path, tensors, self.samples, self.recorder.tokens)
 
 
 class LowBitCalibrate:
@@ -56,6 +73,13 @@ class LowBitCalibrate:
                                                     f"for FLUX.1-dev ({DEFAULT_TOKENS} tokens = "
                                                     f"{DEFAULT_TOKENS * FLUX_DEV_MB_PER_TOKEN / 1000:.1f} GB), the same "
                                                     "in the saved file. 0 records the input ranges only."}),
+            "block_inputs": ("INT", {"default": DEFAULT_BLOCK_INPUTS, "min": 0, "max": MAX_BLOCK_INPUTS,
+                                     "tooltip": "Whole inputs of the first transformer block (image and text hidden "
+                                                "states, vec, rotary angles; one per image, a uniform sample over every "
+                                                "prompt and step) kept for block-wise refinement ('LowBit Quantize "
+                                                "Model' refine_steps, `lowbit quantize --refine`). Memory, on the CPU "
+                                                f"and in the file: about {FLUX_DEV_MB_PER_BLOCK_INPUT} MB each for "
+                                                "FLUX.1-dev at 1024x1024. 0: none."}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -65,14 +89,14 @@ class LowBitCalibrate:
                    "block linear layer while it samples. Sample your usual prompts with it, then save with 'LowBit Save Calibration'. Statistics "
                    "accumulate over every prompt sampled with this MODEL while ComfyUI keeps it cached.")
 
-    def wrap(self, model, tokens_per_layer=DEFAULT_TOKENS):
+    def wrap(self, model, tokens_per_layer=DEFAULT_TOKENS, block_inputs=DEFAULT_BLOCK_INPUTS):
         from .ops import lowbit_modules
 
         if lowbit_modules(model.model):
             raise ValueError("LowBit Calibrate needs the 16-bit model (e.g. from Load Diffusion Model), "
                              "not a lowbit one: calibration records the inputs of the layers before quantization")
         m = model.clone()
-        stats = CalibrationStats(tokens_per_layer)
+        stats = CalibrationStats(tokens_per_layer, block_inputs)
         m.set_attachments(ATTACHMENT, stats)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, stats.apply_model_wrapper)
         return (m,)

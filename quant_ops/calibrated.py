@@ -6,6 +6,7 @@ import torch
 
 from ..kernels import reference as ref
 from . import quantizers as qz
+from .actfit import ACT_FIT_STEPS, fit_smooth_branch, noise_power
 from .datafit import DAMP, Whitener, gptq_int4_groups, gptq_ternary, second_moment, svd_lowrank, weighted_row_scales
 from .formats import GROUP_SIZE, TernaryWeights, W4A4Weights
 
@@ -38,6 +39,7 @@ class _W4A4Fit:
         self.w_hat = w * lam
         self.h = h_raw / lam.unsqueeze(0) / lam.unsqueeze(1)  # second moment of x / lambda
         self.wh = Whitener(self.h) if whiten else None
+        self.h_round = self.h  # the second moment GPTQ rounds against
         self.x = x
         self.target = x @ w.t() + (0 if bias is None else bias.float())
         self.best, self.best_err = None, math.inf
@@ -77,7 +79,7 @@ class _W4A4Fit:
     def gptq(self, rounds=GPTQ_ROUNDS):
         up, down = self.best_branch
         for _ in range(rounds):
-            q, s = gptq_int4_groups(self.w_hat - self.stored(up, down), self.h, self._group_scales)
+            q, s = gptq_int4_groups(self.w_hat - self.stored(up, down), self.h_round, self._group_scales)
             self.score(q, s, up, down)
             if not self.rank:
                 break
@@ -89,9 +91,12 @@ class _W4A4Fit:
 
 
 def svdquant(w, bias, rank, x, act_absmax=None, act_unsigned=False, dtype=torch.bfloat16, iters=5, search_iters=2,
-             alphas=qz.DEFAULT_ALPHAS, max_smooth=1e4, gptq=True, whiten=True, damp=DAMP) -> W4A4Weights:
+             alphas=qz.DEFAULT_ALPHAS, max_smooth=1e4, gptq=True, whiten=True, damp=DAMP,
+             act_fit=ACT_FIT_STEPS) -> W4A4Weights:
     """Smoothing strength alpha chosen by output error on x (branch fit inside), then the branch/residual
-    alternation, then (gptq) GPTQ rounding of the residual in the smoothed space with the branch refitted."""
+    alternation, then (gptq) GPTQ rounding of the residual in the smoothed space with the branch refitted.
+    act_fit > 0: that many steps of training lambda and the branch against the output error with the int4
+    activations simulated (quant_ops/actfit.py), then GPTQ rounds again; the better result on x is kept."""
     h_raw = second_moment(x, damp)
     a = (x.abs().amax(0) if act_absmax is None else act_absmax.float()).clamp_min(1e-5)
     w_abs = w.abs().amax(dim=0).clamp_min(1e-5)
@@ -107,7 +112,26 @@ def svdquant(w, bias, rank, x, act_absmax=None, act_unsigned=False, dtype=torch.
     fit.alternate(iters)
     if gptq:
         fit.gptq()
+    if act_fit > 0:
+        fit = _act_fit(fit, w, bias, rank, x, act_unsigned, dtype, h_raw, whiten, gptq, act_fit)
     return fit.best
+
+
+def _act_fit(fit, w, bias, rank, x, act_unsigned, dtype, h_raw, whiten, gptq, steps):
+    up, down = fit.best_branch if rank else (None, None)
+    down_raw = None if down is None else down / fit.lam.unsqueeze(1)
+    lam, up, down_raw = fit_smooth_branch(w, x, fit.lam16, up, down_raw, act_unsigned, steps)
+    lam16 = lam.to(dtype)
+    new = _W4A4Fit(w, bias, lam16, rank, dtype, act_unsigned, x, h_raw, whiten)
+    # the residual's rounding error meets the int4 activations: round against E[xq xq^T] ~ H + noise power
+    new.h_round = new.h + torch.diag(noise_power(x, lam16, act_unsigned))
+    down = None if down_raw is None else down_raw * new.lam.unsqueeze(1)
+    l16 = new.stored(up, down)
+    q, s = qz.quantize_int4_groups(new.w_hat - l16, GROUP_SIZE, dtype)
+    new.score(q, s, up, down)
+    if gptq:
+        new.gptq(rounds=GPTQ_ROUNDS + 1)
+    return new if new.best_err < fit.best_err else fit
 
 
 def ternary(w, bias, rank, x, act_absmax=None, act_int8=False, dtype=torch.bfloat16, iters=4, gptq=True,

@@ -79,3 +79,30 @@ class InputRecorder:
             if s is not None:
                 out[f"{name}.input_sample"] = s.cpu().contiguous()
         return out
+
+
+class ItemSampler:
+    """A uniform sample without replacement of at most `items` batch items seen by record(): each item is a dict
+    of tensors (batch dimension first in every call), copied to the CPU only when it is kept."""
+
+    def __init__(self, items: int, seed: int = 0):
+        if items < 0:
+            raise ValueError(f"items must be >= 0, got {items}")
+        self.items, self.gen = items, torch.Generator().manual_seed(seed)
+        self._kept: list[tuple[float, dict]] = []
+
+    @torch.no_grad()
+    def record(self, tensors: dict) -> None:
+        batch = next(iter(tensors.values())).shape[0]
+        keys = torch.rand(batch, generator=self.gen).tolist()  # CPU generator: no device sync to decide
+        for b, key in enumerate(keys):
+            if len(self._kept) < self.items or key < self._kept[-1][0]:
+                item = {k: v[b:b + 1].detach().to("cpu", copy=True) for k, v in tensors.items()}
+                self._kept = sorted(self._kept + [(key, item)], key=lambda t: t[0])[: self.items]
+
+    def samples(self) -> list[dict]:
+        return [item for _, item in self._kept]
+
+    def tensors(self, prefix: str) -> dict:
+        """`<prefix>.<i>.<name>` for every kept item i, contiguous CPU tensors."""
+        return {f"{prefix}.{i}.{k}": v.contiguous() for i, item in enumerate(self.samples()) for k, v in item.items()}

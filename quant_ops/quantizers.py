@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import reference as ref
+from .actfit import ACT_FIT_STEPS
 from .datafit import DAMP, TERNARY_DAMP, svd_lowrank
 from .formats import GROUP_SIZE, TernaryWeights, W4A4Weights, W4A16Weights
 
@@ -123,24 +124,31 @@ def _svdq_decompose(w, bias, smooth, rank, dtype, iters, act_unsigned, x=None):
 
 def svdquant(weight, bias=None, rank=32, act_absmax=None, calib_inputs=None, act_unsigned=False,
              dtype=torch.bfloat16, iters=20, search_iters=3, alphas=DEFAULT_ALPHAS, max_smooth=1e4,
-             gptq=True, whiten=True, damp=DAMP) -> W4A4Weights:
+             gptq=True, whiten=True, damp=DAMP, act_fit=None) -> W4A4Weights:
     """SVDQuant of one linear. With `act_absmax` (per input channel), grid-search the migration strength
     alpha of lambda = a^alpha / w^(1 - alpha) by the quantized layer's output error (low-rank inside).
 
     With `calib_inputs` (tokens x K, a sample of the layer's inputs) and gptq or whiten on, the calibrated
     quantizer (quant_ops/calibrated.py): whiten fits the branch to the activation-weighted error, gptq rounds
-    the residual with error compensation; damp: GPTQ damping of the inputs' second moment."""
+    the residual with error compensation; damp: GPTQ damping of the inputs' second moment; act_fit: steps of
+    training the smoothing vector and branch against the output error with int4 activations simulated (default
+    quant_ops.actfit.ACT_FIT_STEPS, 0 for none)."""
     _check_linear(weight, GROUP_SIZE, "svdq_w4a4", rank)
     w = weight.float()
     k = w.shape[1]
     device = w.device
-    if calib_inputs is not None and (gptq or whiten):
+    if act_fit is None:
+        act_fit = ACT_FIT_STEPS
+    if act_fit < 0:
+        raise ValueError(f"svdq_w4a4: act_fit is {act_fit}, must be >= 0 (steps)")
+    if calib_inputs is not None and (gptq or whiten or act_fit):
         from . import calibrated
 
         x = _calib_matrix(calib_inputs, k, device, "svdq_w4a4")
         a = None if act_absmax is None else _absmax_vector(act_absmax, k, device, "svdq_w4a4")
         return calibrated.svdquant(w, bias, rank, x, a, act_unsigned, dtype, min(iters, CALIB_ITERS),
-                                   min(search_iters, CALIB_SEARCH_ITERS), alphas, max_smooth, gptq, whiten, damp)
+                                   min(search_iters, CALIB_SEARCH_ITERS), alphas, max_smooth, gptq, whiten, damp,
+                                   act_fit)
     if act_absmax is None:
         smooth = torch.ones(k, dtype=dtype, device=device)
         return _svdq_decompose(w, bias, smooth, rank, dtype, iters, act_unsigned)[0]

@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LOWBIT_BACKEND", "reference")
 import torch  # noqa: E402
 
-from comfyui_lowbit.quant_ops import InputRecorder, quantize_linear  # noqa: E402
-from comfyui_lowbit.quant_ops.refine import refine_block  # noqa: E402
+from comfyui_lowbit.quant_ops import InputRecorder, SVDQW4A4Linear, quantize_linear, set_activations  # noqa: E402
+from comfyui_lowbit.quant_ops import REFINE_TENSORS, refine_block  # noqa: E402
 
 CAL_MODULES = ["collections", "json", "argparse", "logging", "subprocess", "pathlib", "datetime", "itertools",
                "functools", "os", "shutil", "random", "statistics", "string", "textwrap", "typing"]
@@ -34,11 +34,14 @@ HELD_MODULES = ["unittest", "email.message", "http.client", "urllib.request", "c
                 "threading", "asyncio.tasks", "inspect", "decimal", "fractions", "heapq", "calendar", "difflib"]
 # name -> (options, calibrated?) ; the improvements switched on one at a time, then together
 VARIANTS = {
-    "svdq_w4a4": {"today": ({}, False), "whiten": ({"gptq": False}, True), "gptq": ({"whiten": False}, True),
-                  "all": ({}, True)},
+    "svdq_w4a4": {"today": ({}, False), "whiten": ({"gptq": False, "act_fit": 0}, True),
+                  "gptq": ({"whiten": False, "act_fit": 0}, True),
+                  "act_fit": ({"gptq": False, "whiten": False}, True), "all-act_fit": ({"act_fit": 0}, True),
+                  "all": ({}, True), "all+refine": ({}, True)},
     "ternary": {"today": ({}, False), "fit_scales": ({"gptq": False, "whiten": False}, True),
                 "whiten": ({"gptq": False, "fit_scales": False}, True),
-                "gptq": ({"whiten": False, "fit_scales": False}, True), "all": ({}, True), "all+refine": ({}, True)},
+                "gptq": ({"whiten": False, "fit_scales": False}, True), "all": ({}, True), "all+refine": ({}, True),
+                "all+refine-scales": ({}, True)},
 }
 RANK = {"svdq_w4a4": 16, "ternary": 64}
 
@@ -136,7 +139,43 @@ def run_block(block, inp):
     return _first(block(*args, **kwargs))
 
 
-def quantize_model(model, fmt, opts, calibrated, rec, refine_steps=0, fp_io=None, damp=None):
+def activation_mode(model, mode):
+    """Every W4A4 layer with int4 (the format's own) or fp8 activations (e4m3 per token after smoothing), or
+    float: x @ dequantize()^T + float_bias() (the quantized weights, unquantized activations), or aonly: the
+    int4 activations times the float weight's residual W - branch (the activations' error alone)."""
+    set_activations(model, "fp8" if mode == "fp8" else "int4")
+    for m in model.modules():
+        if isinstance(m, SVDQW4A4Linear):
+            m.__dict__.pop("forward", None)
+            if mode == "float":
+                w, b = m.dequantize(), m.float_bias()
+                m.forward = lambda x, w=w, b=b: (x.float() @ w.t() + (0 if b is None else b)).to(x.dtype)
+            elif mode == "aonly":
+                m.forward = lambda x, m=m: _int4_acts_float_weight(m, x)
+    return model
+
+
+def _int4_acts_float_weight(m, x):
+    from comfyui_lowbit.kernels import reference as ref
+
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    lam = m.smooth.float()
+    unsigned = bool(m._options["act_unsigned"])
+    q, s, _ = ref.quantize_act_int4(x2, m.smooth, None, unsigned=unsigned)
+    xq = (q.float().unflatten(1, (-1, 64)) * s.unsqueeze(-1)).flatten(1)
+    if unsigned:
+        xq = xq - ref.ACT_SHIFT / lam
+    down, up = m.branch()
+    branch = 0 if down is None else up.float() @ down.float().t()
+    resid = (m.float_weight - branch) * lam
+    y = xq @ resid.t() + x2 @ (m.float_weight - resid / lam).t()
+    if m.float_bias_orig is not None:
+        y = y + m.float_bias_orig
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def quantize_model(model, fmt, opts, calibrated, rec, refine_steps=0, fp_io=None, damp=None,
+                   refine_train=REFINE_TENSORS):
     q = copy.deepcopy(model)
     for name, lin in targets(q):
         kw = dict(opts)
@@ -147,14 +186,16 @@ def quantize_model(model, fmt, opts, calibrated, rec, refine_steps=0, fp_io=None
             if damp is not None:
                 kw["damp"] = damp
         parent, _, leaf = name.rpartition(".")
-        setattr(q.get_submodule(parent), leaf,
-                quantize_linear(lin, fmt, rank=RANK[fmt], act_absmax=rec.absmax[name], dtype=torch.bfloat16, **kw))
+        mod = quantize_linear(lin, fmt, rank=RANK[fmt], act_absmax=rec.absmax[name], dtype=torch.bfloat16, **kw)
+        mod.float_weight = lin.weight.detach().float()  # for activation_mode "aonly"
+        mod.float_bias_orig = None if lin.bias is None else lin.bias.detach().float()
+        setattr(q.get_submodule(parent), leaf, mod)
     if refine_steps:
         # block by block in order; each quantized block learns from its own inputs under the earlier refined blocks
         for i, blk in enumerate(blocks(q)):
             inputs = block_inputs(q, blk)
             with torch.enable_grad():
-                refine_block(blk, run_block, inputs, fp_io[i][1], refine_steps)
+                refine_block(blk, run_block, inputs, fp_io[i][1], refine_steps, train=refine_train)
     return q
 
 
@@ -180,6 +221,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=512, help="sampled input rows per layer (default 512)")
     p.add_argument("--refine", type=int, default=200, help="block reconstruction steps for 'all+refine'")
     p.add_argument("--damp", type=float, default=None, help="GPTQ / whitening damping (default: the quantizers')")
+    p.add_argument("--act-modes", default="int4",
+                   help="W4A4 activation modes to evaluate each variant with: int4, fp8, float, aonly (comma list)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -204,13 +247,17 @@ def main(argv=None):
                 if args.variants and var not in args.variants.split(","):
                     continue
                 t0 = time.time()
-                steps = args.refine if var.endswith("refine") else 0
-                q = quantize_model(model, fmt, opts, calibrated, rec, steps, fp_io, args.damp)
-                e = errors(ref, encode(q, held))
-                e["seconds"] = time.time() - t0
-                results[f"{name}/{fmt}/{var}"] = e
-                print(f"{name:7s} {fmt:10s} {var:11s} token rel L2 {e['token_rel_l2']:.4f}  cos {e['cos_mean']:.4f} "
-                      f"(min {e['cos_min']:.4f})  {e['seconds']:.0f} s", flush=True)
+                steps = args.refine if "refine" in var else 0
+                train = ("scales",) if var.endswith("-scales") else REFINE_TENSORS
+                q = quantize_model(model, fmt, opts, calibrated, rec, steps, fp_io, args.damp, train)
+                seconds = time.time() - t0
+                for mode in args.act_modes.split(",") if fmt == "svdq_w4a4" else ["int4"]:
+                    e = errors(ref, encode(activation_mode(q, mode), held))
+                    e["seconds"] = seconds
+                    tag = var if mode == "int4" else f"{var}@{mode}"
+                    results[f"{name}/{fmt}/{tag}"] = e
+                    print(f"{name:7s} {fmt:10s} {tag:11s} token rel L2 {e['token_rel_l2']:.4f}  cos {e['cos_mean']:.4f} "
+                          f"(min {e['cos_min']:.4f})  {e['seconds']:.0f} s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"tokens": args.tokens, "refine": args.refine, "damp": args.damp, "results": results}, f, indent=1)

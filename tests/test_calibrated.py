@@ -49,11 +49,27 @@ def _q(layer, fmt, rank, **kw):
 def test_w4a4_improvements_each_beat_todays_calibrated(layer):
     x_cal = layer[1]
     today = _q(layer, "svdq_w4a4", 8, iters=5)
-    whiten = _q(layer, "svdq_w4a4", 8, calib_inputs=x_cal, gptq=False)
-    gptq = _q(layer, "svdq_w4a4", 8, calib_inputs=x_cal, whiten=False)
-    both = _q(layer, "svdq_w4a4", 8, calib_inputs=x_cal)
+    whiten = _q(layer, "svdq_w4a4", 8, calib_inputs=x_cal, gptq=False, act_fit=0)
+    gptq = _q(layer, "svdq_w4a4", 8, calib_inputs=x_cal, whiten=False, act_fit=0)
+    both = _q(layer, "svdq_w4a4", 8, calib_inputs=x_cal, act_fit=0)
     print(f"W4A4 held-out error: today {today:.4f}, whiten {whiten:.4f}, gptq {gptq:.4f}, both {both:.4f}")
     assert whiten < today and gptq < today and both < 0.85 * today, (today, whiten, gptq, both)
+
+
+def test_w4a4_act_fit_lowers_the_error_with_int4_activations(layer):
+    """Training lambda and the branch against the output error with int4 activations simulated beats the
+    calibrated quantizer without it on held-out inputs; act_fit=0 is that quantizer."""
+    x_cal = layer[1]
+    without = _q(layer, "svdq_w4a4", 8, calib_inputs=x_cal, act_fit=0)
+    with_fit = _q(layer, "svdq_w4a4", 8, calib_inputs=x_cal, act_fit=100)
+    print(f"W4A4 held-out error: calibrated {without:.4f}, + act_fit {with_fit:.4f}")
+    assert with_fit < 0.97 * without, (without, with_fit)
+
+
+def test_act_fit_trains_under_inference_mode(layer):
+    """ComfyUI runs nodes under torch.inference_mode: act_fit must still get gradients."""
+    with torch.inference_mode():
+        assert _q(layer, "svdq_w4a4", 8, calib_inputs=layer[1], iters=1, search_iters=1, alphas=(0.5,), act_fit=3) < 1
 
 
 def test_ternary_improvements_each_beat_todays(layer):
@@ -69,9 +85,9 @@ def test_ternary_improvements_each_beat_todays(layer):
 def test_switches_off_is_todays_calibrated_path(layer):
     lin, x_cal, _, _ = layer
     a = quantize_linear(lin, "svdq_w4a4", rank=8, act_absmax=x_cal.abs().amax(0), calib_inputs=x_cal, iters=2,
-                        gptq=False, whiten=False).packed()
+                        gptq=False, whiten=False, act_fit=0).packed()
     b = quantizers.svdquant(lin.weight.detach(), lin.bias.detach(), 8, x_cal.abs().amax(0), x_cal, iters=2,
-                            gptq=False, whiten=False)
+                            gptq=False, whiten=False, act_fit=0)
     assert all(torch.equal(a.tensors()[k], b.tensors()[k]) for k in a.tensors())
 
 

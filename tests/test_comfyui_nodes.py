@@ -506,8 +506,13 @@ def test_server_calibrate_then_quantize_with_it_then_sample(server, latent16):
         meta, keys = f.metadata(), set(f.keys())
         amax = {k: f.get_tensor(k) for k in keys}
     w4 = checkpoint.read_info(str(server.models / "diffusion_models" / "tiny_flux_w4a4.safetensors"))
-    assert keys == {f"{name}.input_{what}" for name in w4.layers for what in ("absmax", "sample")}
-    assert meta["lowbit.calib_version"] == "2" and int(meta["lowbit.samples"]) == 3
+    blocks = {k for k in keys if k.startswith("block_input.")}
+    assert keys - blocks == {f"{name}.input_{what}" for name in w4.layers for what in ("absmax", "sample")}
+    # one first-block input per model call (3 steps, batch 1), all kept (default 4): 4 + 8 tokens, head dim 128
+    assert blocks == {f"block_input.{i}.{n}" for i in range(3) for n in ("img", "txt", "vec", "pe_cos", "pe_sin")}
+    assert amax["block_input.0.img"].shape == (1, 4, 256) and amax["block_input.0.pe_sin"].shape == (1, 1, 12, 64)
+    assert meta["lowbit.calib_version"] == "2" and int(meta["lowbit.samples"]) == 3 and meta["lowbit.block_inputs"] == "3"
+    amax = {k: v for k, v in amax.items() if k not in blocks}
     for k, t in amax.items():
         if k.endswith("_absmax"):
             assert t.dtype == torch.float32 and t.dim() == 1 and (t > 0).all(), k
@@ -518,11 +523,12 @@ def test_server_calibrate_then_quantize_with_it_then_sample(server, latent16):
 
     quant = {"1": {"class_type": "LowBitQuantizeModel", "inputs": {
         "model_name": "diffusion_models/tiny_flux_bf16.safetensors", "format": "ternary", "rank": 32,
-        "calibration": rel_path, "output_name": "tiny_flux_calibrated"}}}
-    server.run(quant, timeout=600)
+        "calibration": rel_path, "output_name": "tiny_flux_calibrated", "refine_steps": 10}}}
+    entry = server.run(quant, timeout=600)
+    assert "block-wise refinement (10 steps)" in " ".join(output_files(entry, "1", "text"))
     out = server.models / "diffusion_models" / "tiny_flux_calibrated.safetensors"
     info = checkpoint.read_info(str(out))
-    assert info.model == "flux" and len(info.layers) > 0
+    assert info.model == "flux" and len(info.layers) > 0 and "lowbit.refine" in info.metadata
     lat_q = _latent(server, server.run(_sampling(_lowbit_loader(out.name), "t/calibrated")))
     rel = _rel(lat_q, latent16)
     print(f"quantize node (ternary, calibrated): latent relative distance {rel:.4f}")
