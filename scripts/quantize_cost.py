@@ -20,7 +20,7 @@ def shapes(hidden, double, single, mlp_ratio=4):
             (hidden, m): 2 * double, (3 * hidden + m, hidden): single, (hidden, hidden + m): single}
 
 
-def one(n, k, fmt, rank, iters, samples, tokens, device):
+def one(n, k, fmt, rank, iters, samples, tokens, device, act_fit=None):
     from comfyui_lowbit.quant_ops import quantize_weight
     from comfyui_lowbit.flux_model.synthetic import _random_weight
 
@@ -31,6 +31,8 @@ def one(n, k, fmt, rank, iters, samples, tokens, device):
     opts = {"iters": iters, "calib_inputs": x} if samples else {"iters": iters}
     if fmt == "svdq_w4a4":
         opts["search_iters"] = 3 if not samples else 2
+        if samples and act_fit is not None:
+            opts["act_fit"] = act_fit
     t0 = time.time()
     quantize_weight(w, None, fmt, rank, x.abs().amax(0), dtype=torch.bfloat16, device=device, **opts)
     if device != "cpu":
@@ -48,20 +50,27 @@ def main():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--tokens", type=int, default=224, help="fit rows (256 sampled, 1 in 8 held out)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--act-fit", type=int, default=None, help="svdq_w4a4 with samples: act_fit steps (default: the quantizer's)")
+    p.add_argument("--only", default=None, help="comma list of NxK shapes to measure (default: all)")
     p.add_argument("--one", nargs=3, type=int, help=argparse.SUPPRESS)  # n k samples: child process
     a = p.parse_args()
     if a.one:
         torch.set_num_threads(1)
-        print(json.dumps(one(a.one[0], a.one[1], a.format, a.rank, a.iters, bool(a.one[2]), a.tokens, a.device)))
+        print(json.dumps(one(a.one[0], a.one[1], a.format, a.rank, a.iters, bool(a.one[2]), a.tokens, a.device,
+                             a.act_fit)))
         return
     total = {0: 0.0, 1: 0.0}
     peak = {0: 0.0, 1: 0.0}
+    only = None if a.only is None else {tuple(map(int, s.split("x"))) for s in a.only.split(",")}
     for (n, k), count in shapes(a.hidden, a.double, a.single).items():
+        if only is not None and (n, k) not in only:
+            continue
         row = []
         for samples in (0, 1):
             out = subprocess.run([sys.executable, __file__, "--one", str(n), str(k), str(samples), "--format", a.format,
                                   "--rank", str(a.rank), "--iters", str(a.iters), "--tokens", str(a.tokens),
-                                  "--device", a.device], check=True, capture_output=True, text=True).stdout
+                                  "--device", a.device] + ([] if a.act_fit is None else ["--act-fit", str(a.act_fit)]),
+                                 check=True, capture_output=True, text=True).stdout
             sec, rss = json.loads(out.strip().splitlines()[-1])
             total[samples] += sec * count
             peak[samples] = max(peak[samples], rss)
