@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .reference import unsigned_from
-from .triton_common import candidates, cast, configs, dot16, m_bucket, rank_block, sm_count
+from .triton_common import cast, configs, dot16, m_bucket, prune_by_m, rank_block, sm_count
 from .triton_rounding import ACT_SHIFT_C, RCP7, RCP15, group_rscale, round_to_int8
 from .triton_splitk import arrived_last, load_partial, reset_arrivals, tile_counters
 from .tuning import launch
@@ -24,12 +24,8 @@ CONFIGS = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 32, "nu
 MIN_GROUPS_PER_SPLIT = 4
 
 
-def _prune(cfgs, named_args, **kwargs):
-    return candidates(cfgs, named_args["M"])[:3]
-
-
 @triton.autotune(configs(CONFIGS, {"BLOCK_M": 16, "num_warps": 4}), key=["M_KEY", "K", "R", "NSPLIT"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": prune_by_m})
 @triton.jit
 def _act_int4_kernel(x_ptr, rsmooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, part_ptr, cnt_ptr, M, K, R, M_KEY, U_FROM,
                      NSPLIT, HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, UNSIGNED: tl.constexpr,

@@ -40,6 +40,12 @@ def candidates(cfgs, m: int):
     return sorted([c for c in cfgs if get(c) <= need], key=lambda c: -get(c)) or cfgs[-1:]
 
 
+def prune_by_m(cfgs, named_args, **kwargs):
+    """early_config_prune without a tuned entry (kernels/configs): at most 3 candidates, token blocks no
+    taller than needed."""
+    return candidates(cfgs, named_args["M"])[:3]
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the token count: next power of two, so each shape family tunes once."""
     return min(triton.next_power_of_2(max(m, 1)), 8192)

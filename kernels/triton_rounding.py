@@ -3,11 +3,12 @@ interpreter and compiled on every backend): one IEEE reciprocal per group, clamp
 import triton
 import triton.language as tl
 
-from .reference import ACT_SHIFT, FLT_MIN, RCP
+from .reference import ACT_SHIFT, E4M3_MAX, FLT_MIN, RCP
 
 ACT_SHIFT_C = tl.constexpr(ACT_SHIFT)
 FLT_MIN_C = tl.constexpr(FLT_MIN)
-RCP7, RCP15, RCP127 = tl.constexpr(RCP[7]), tl.constexpr(RCP[15]), tl.constexpr(RCP[127])
+RCP7, RCP15, RCP127, RCP448 = (tl.constexpr(RCP[q]) for q in (7, 15, 127, 448))
+E4M3_MAX_C = tl.constexpr(E4M3_MAX)
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + M - M rounds |v| < 2^22 to an integer, ties to even
 
 
@@ -38,3 +39,19 @@ def group_rscale(amax, rcp_q):
     scale = amax * rcp_q
     ok = scale >= FLT_MIN_C
     return scale, tl.where(ok, reciprocal(tl.where(ok, scale, 1.0)), 0.0)
+
+
+@triton.jit
+def to_e4m3(v):
+    """float32 -> float8e4nv as reference.to_e4m3: clamp to +-448, round to nearest even. The rounding is done
+    here on the float32 (normal range: drop 20 mantissa bits on the bits; below 2^-6: to multiples of 2^-9), so
+    the conversion that follows is exact whatever instruction the compiler picks: the interpreter's cast does
+    not round to nearest even, and Triton 3.6 on sm_89 converts through float16 rounding toward zero first."""
+    v = tl.minimum(tl.maximum(v, -E4M3_MAX_C), E4M3_MAX_C)
+    a = tl.abs(v)
+    b = a.to(tl.uint32, bitcast=True)
+    normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    small = (a + 16384.0) - 16384.0  # 2^14: its float32 spacing is 2^-9
+    a = tl.where(a < 0.015625, small, normal).to(tl.uint32, bitcast=True)
+    v = (a | (v.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)  # the sign, -0 included
+    return v.to(tl.float8e4nv)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, candidates, check_rank, configs, lowrank_bias_t, m_bucket, sm_count,
+from .triton_common import (INTERPRET, check_rank, configs, lowrank_bias_t, m_bucket, prune_by_m, sm_count,
                             store_tile_t, swizzle)
 from .triton_decode import dot_k_order, load_words, ternary_tile_i8
 from .triton_splitk import reset_arrivals, split_total, tile_counters
@@ -27,13 +27,8 @@ CONFIGS = [{"BLOCK_N": bn, "BLOCK_M": bm, "KB": kb, "GROUP_M": 1 if bm <= SMALL_
 _INTERP = {"BLOCK_N": 32, "BLOCK_M": 16, "KB": 16, "GROUP_M": 4}
 
 
-def _prune(cfgs, named_args, **kwargs):
-    """Without a tuned entry: at most 3 candidates per M bucket."""
-    return candidates(cfgs, named_args["M"])[:3]
-
-
 @triton.autotune(configs(CONFIGS, _INTERP), key=["M_KEY", "N", "K", "R", "NSPLIT"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": prune_by_m})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % (4 * a["KB"]) == 0})
 @triton.jit
 def _ternary_int8_kernel(qx_ptr, xs_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, candidates, check_rank, configs, inline_ptx, lowrank_bias_t, m_bucket,
-                            sm_count, store_tile_t, swizzle)
+from .triton_common import (INTERPRET, check_rank, configs, inline_ptx, lowrank_bias_t, m_bucket, prune_by_m, sm_count,
+                            store_tile_t, swizzle)
 from .triton_decode import dot_k_order, int4_tile_i8, load_words
 from .triton_splitk import reset_arrivals, split_total, tile_counters
 from .tuning import launch
@@ -29,13 +29,8 @@ CONFIGS = [{"BLOCK_N": bn, "BLOCK_M": bm, "GROUP_M": 8, "num_warps": w, "num_sta
                                 (64, 64, 4, 4), (64, 32, 4, 5), (64, 16, 4, 6))]
 
 
-def _prune(cfgs, named_args, **kwargs):
-    """Without a tuned entry: at most 3 candidates per M bucket."""
-    return candidates(cfgs, named_args["M"])[:3]
-
-
 @triton.autotune(configs(CONFIGS, {"BLOCK_N": 32, "BLOCK_M": 16, "GROUP_M": 4}), key=["M_KEY", "N", "K", "R", "NSPLIT"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": prune_by_m})
 @triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0})
 @triton.jit
 def _w4a4_kernel(qx_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,

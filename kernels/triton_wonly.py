@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, _UPCAST, candidates, check_rank, configs, dot16, lowrank_bias_t, m_bucket,
+from .triton_common import (INTERPRET, _UPCAST, check_rank, configs, dot16, lowrank_bias_t, m_bucket, prune_by_m,
                             sm_count, store_tile_t, swizzle)
 from .triton_decode import dot_k_order, int4_tile, load_words, ternary_tile
 from .triton_splitk import reset_arrivals, split_total, tile_counters
@@ -125,15 +125,10 @@ def _epilogue(acc, ws_ptr, lr_ptr, up_ptr, bias_ptr, out_ptr, offs_m, offs_n, M,
     store_tile_t(out_ptr, acc, offs_m, offs_n, M, N)
 
 
-def _prune(cfgs, named_args, **kwargs):
-    """Without a tuned entry: at most 3 candidates per M bucket."""
-    return candidates(cfgs, named_args["M"])[:3]
-
-
 _KEY = ["M_KEY", "N", "K", "R", "NSPLIT", "TERNARY", "HAS_Z", "GS"]
 _EVEN_K = triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["KB"] * (4 if a["TERNARY"] else 2)) == 0})
 _TUNED = {(fmt, size): triton.autotune(configs(cfgs, _INTERP), key=_KEY,
-                                       prune_configs_by={"early_config_prune": _prune})(_EVEN_K(_wonly_kernel))
+                                       prune_configs_by={"early_config_prune": prune_by_m})(_EVEN_K(_wonly_kernel))
           for fmt, by_size in CONFIGS.items() for size, cfgs in by_size.items()}
 
 

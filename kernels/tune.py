@@ -49,7 +49,7 @@ def _seconds(fn):
 def _ops(kind, k, n, m, rank, device):
     """(kernel name, shape fields, shipped configs, callable) for each tuned kernel at this shape; a '*_path'
     name's configs are the paths of a weight-only layer (timed after its fused kernel's best config is known)."""
-    from . import triton_act, triton_act8, triton_fp8, triton_ternary, triton_w4a4, triton_wonly
+    from . import triton_act, triton_fp8, triton_rowquant, triton_ternary, triton_w4a4, triton_wonly
     from .dispatch import fp8_supported
 
     g = torch.Generator(device).manual_seed(0)
@@ -72,7 +72,7 @@ def _ops(kind, k, n, m, rank, device):
     tw = pack_ternary(torch.randint(-1, 2, (n, k), **kw))
     tws = (torch.rand(n, **kw) * 0.01).to(dt)
     q, s, lr = triton_act.quantize_act_int4(x, smooth, down)
-    q8, s8, lr8 = triton_act8.quantize_act_int8(x, down)
+    q8, s8, lr8 = triton_rowquant.quantize_act_int8(x, down)
     tfields = triton_wonly.table_fields("ternary", n, k, m, 64, False, rank)
     tern = lambda: triton_wonly.ternary_gemm(x, tw, tws, lr, up)
     ops = [("act_int4", dict(K=k, R=rank, M=bucket), triton_act.CONFIGS,
@@ -81,13 +81,15 @@ def _ops(kind, k, n, m, rank, device):
             lambda: triton_w4a4.w4a4_gemm(q, s, qw, ws, lr, up)),
            ("ternary", tfields, triton_wonly.CONFIGS["ternary"][size], tern),
            ("ternary_path", tfields, paths, tern),
+           ("act_int8", dict(K=k, R=rank, M=bucket, CODES=triton_rowquant.INT8), triton_rowquant.CONFIGS,
+            lambda: triton_rowquant.quantize_act_int8(x, down)),
            ("ternary_int8", dict(N=n, K=k, R=rank, M=bucket), triton_ternary.CONFIGS,
             lambda: triton_ternary.ternary_int8_gemm(q8, s8, tw, tws, lr8, up))]
     if not (fp8_supported(device) or torch.device(device).type == "cpu"):  # FP8 kernels: sm_89+ (or interpreted)
         return ops
-    qf, sf, lrf = triton_fp8.quantize_act_fp8(x, smooth, down)
-    return ops + [("act_fp8", dict(K=k, R=rank, M=bucket), triton_fp8.ACT_CONFIGS,
-                   lambda: triton_fp8.quantize_act_fp8(x, smooth, down)),
+    qf, sf, lrf = triton_rowquant.quantize_act_fp8(x, smooth, down)
+    return ops + [("act_fp8", dict(K=k, R=rank, M=bucket), triton_rowquant.CONFIGS,
+                   lambda: triton_rowquant.quantize_act_fp8(x, smooth, down)),
                   ("fp8_int4", dict(N=n, K=k, R=rank, M=bucket), triton_fp8.INT4_CONFIGS,
                    lambda: triton_fp8.int4_fp8_gemm(qf, sf, qw, ws, lrf, up)),
                   ("fp8_ternary", dict(N=n, K=k, R=rank, M=bucket), triton_fp8.TERNARY_CONFIGS,

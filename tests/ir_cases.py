@@ -92,7 +92,7 @@ def cases(arch: str) -> list:
     first = arch != "sm90"  # other architectures: compile one config per variant
     sizes = dict(M=I32, N=I32, K=I32, R=I32, M_KEY=I32, W_ROW=I32)
     lowrank = dict(lr_ptr=BF, up_ptr=BF, bias_ptr=BF)
-    act, act8, w4a4 = _mod("triton_act"), _mod("triton_act8"), _mod("triton_w4a4")
+    act, rowquant, w4a4 = _mod("triton_act"), _mod("triton_rowquant"), _mod("triton_w4a4")
     ternary, wonly = _mod("triton_ternary"), _mod("triton_wonly")
     act_types = dict(x_ptr=BF, rsmooth_ptr=F32, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=BF, M=I32, K=I32, R=I32, M_KEY=I32)
     wonly_types = dict(x_ptr=BF, w_ptr=U8, ws_ptr=BF, wz_ptr=BF, out_ptr=BF, **lowrank, **sizes)
@@ -101,10 +101,11 @@ def cases(arch: str) -> list:
                    dict(act_types, part_ptr=F32, cnt_ptr="*i32", U_FROM=I32, NSPLIT=I32),
                    {"lr mixed": dict(HAS_SMOOTH=True, HAS_LR=True, UNSIGNED=2, GS=64, BLOCK_R=32)}, act.CONFIGS, ACT_CHECKS,
                    only_first=first)
-    out += _family("act_int8", "triton_act8", "_act_int8_kernel",
-                   {k: v for k, v in act_types.items() if k != "rsmooth_ptr"},
-                   {"lr": dict(QUANT=True, HAS_LR=True, BLOCK_K=64, BLOCK_R=32)}, act8.CONFIGS, ("no_spills",),
-                   only_first=first)
+    rowquant_types = dict({k: v for k, v in act_types.items() if k != "rsmooth_ptr"}, smooth_ptr=BF)
+    rowquant_flags = dict(HAS_LR=True, BLOCK_R=32)
+    out += _family("act_int8", "triton_rowquant", "_row_quant_kernel", rowquant_types,
+                   {"lr": dict(rowquant_flags, CODES=rowquant.INT8, HAS_SMOOTH=False)}, rowquant.CONFIGS,
+                   ("no_spills",), only_first=first)
     w4a4_types = dict(qx_ptr=I8, as_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr=F32, cnt_ptr="*i32",
                       STRIDE_AG=I32, NSPLIT=I32, **lowrank, **sizes)
     flags = dict(HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32, STRIDE_AM=1)  # scales stored (G, M)
@@ -139,6 +140,9 @@ def cases(arch: str) -> list:
         fp8_types = dict(x_ptr="*fp8e4nv", xs_ptr=F32, w_ptr="*i32", ws_ptr=BF, out_ptr=BF, **lowrank,
                          **sizes)
         fp8_flags = dict(SUBNORMAL=True, HAS_LR=True, HAS_BIAS=True, BLOCK_K=64, BLOCK_R=32)
+        out += _family("act_fp8", "triton_rowquant", "_row_quant_kernel", dict(rowquant_types, q_ptr="*fp8e4nv"),
+                       {"smooth lr": dict(rowquant_flags, CODES=rowquant.E4M3, HAS_SMOOTH=True)}, rowquant.CONFIGS,
+                       ("no_spills",))
         out += _family("fp8_int4", "triton_fp8", "_int4_kernel", fp8_types, {"lr+bias": dict(fp8_flags, TERNARY=False)},
                        fp8.INT4_CONFIGS)
         out += _family("fp8_ternary", "triton_fp8", "_ternary_kernel", fp8_types,

@@ -326,9 +326,9 @@ def test_mixed_signedness_layer_quantizes_in_one_call(monkeypatch):
 
 
 def test_interpreter_autotunes_one_config():
-    from comfyui_lowbit.kernels import triton_act, triton_act8, triton_ternary, triton_w4a4, triton_wonly
+    from comfyui_lowbit.kernels import triton_act, triton_rowquant, triton_ternary, triton_w4a4, triton_wonly
 
-    tuners = [triton_act._act_int4_kernel, triton_act8._act_int8_kernel, triton_w4a4._w4a4_kernel,
+    tuners = [triton_act._act_int4_kernel, triton_rowquant._row_quant_kernel, triton_w4a4._w4a4_kernel,
               triton_ternary._ternary_int8_kernel, *triton_wonly._TUNED.values()]
     assert all(len(t.configs) == (1 if INTERPRET else len(t.configs)) for t in tuners)
     assert INTERPRET or all(len(t.configs) > 1 for t in tuners)

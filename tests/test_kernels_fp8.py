@@ -77,7 +77,7 @@ def test_ternary_fp8_gemm_is_dequantized_float_math():
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-from comfyui_lowbit.kernels import triton_fp8  # noqa: E402
+from comfyui_lowbit.kernels import triton_fp8, triton_rounding, triton_rowquant  # noqa: E402
 from comfyui_lowbit.kernels.triton_common import INTERPRET  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
@@ -100,7 +100,7 @@ def rand(*shape, dtype=torch.float32, g, scale=1.0):
 @triton.jit
 def _to_e4m3_kernel(v_ptr, q_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(q_ptr + offs, triton_fp8.to_e4m3(tl.load(v_ptr + offs, mask=offs < N)), mask=offs < N)
+    tl.store(q_ptr + offs, triton_rounding.to_e4m3(tl.load(v_ptr + offs, mask=offs < N)), mask=offs < N)
 
 
 def e4m3_midpoints():
@@ -140,7 +140,7 @@ def test_quantize_act_fp8(dtype, m, k, rank, has_smooth):
     x[-1] = 0  # an all-zero token: scale 0, codes 0
     smooth = (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV) if has_smooth else None
     down = rand(k, rank, dtype=dtype, g=g, scale=0.1) if rank else None
-    q, s, lr = triton_fp8.quantize_act_fp8(x, smooth, down)
+    q, s, lr = triton_rowquant.quantize_act_fp8(x, smooth, down)
     eq, es, elr = ref.quantize_act_fp8(x, smooth, down)
     assert torch.equal(codes(q), codes(eq)) and torch.equal(s, es)
     if rank:
@@ -154,7 +154,7 @@ def test_quantize_act_fp8_ties(dtype):
     x = tie_activations(9, 256, dtype, gen(5))
     eq, es, _ = ref.quantize_act_fp8(x)
     assert (es == es.log2().round().exp2()).all()  # powers of two: codes = x / scale exactly on the ties
-    q, s, _ = triton_fp8.quantize_act_fp8(x)
+    q, s, _ = triton_rowquant.quantize_act_fp8(x)
     assert torch.equal(codes(q), codes(eq)) and torch.equal(s, es)
 
 
@@ -173,7 +173,7 @@ def test_int4_fp8_gemm(dtype, m, n, k, rank, has_bias, weight_encoding):
     g = gen(6)
     x = rand(m, k, dtype=dtype, g=g)
     down = rand(k, rank, dtype=dtype, g=g, scale=0.1) if rank else None
-    qx, s, lr = triton_fp8.quantize_act_fp8(x, (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV), down)
+    qx, s, lr = triton_rowquant.quantize_act_fp8(x, (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV), down)
     qw = pack_int4(torch.randint(-8, 8, (n, k), generator=g)).to(DEV)
     ws = rand(k // 64, n, dtype=dtype, g=g, scale=0.05)
     up = rand(n, rank, dtype=dtype, g=g, scale=0.1) if rank else None
@@ -189,7 +189,7 @@ def test_ternary_fp8_gemm(dtype, m, n, k, rank, has_bias):
     g = gen(7)
     x = rand(m, k, dtype=dtype, g=g)
     down, up = rand(k, rank, dtype=dtype, g=g, scale=0.1), rand(n, rank, dtype=dtype, g=g, scale=0.1)
-    qx, s, lr = triton_fp8.quantize_act_fp8(x, None, down)
+    qx, s, lr = triton_rowquant.quantize_act_fp8(x, None, down)
     tw = pack_ternary(torch.randint(-1, 2, (n, k), generator=g)).to(DEV)
     ws = rand(n, dtype=dtype, g=g, scale=0.05).abs()
     bias = rand(n, dtype=dtype, g=g) if has_bias else None
@@ -200,7 +200,7 @@ def test_ternary_fp8_gemm(dtype, m, n, k, rank, has_bias):
 
 def test_fp8_shape_checks_and_empty_batch():
     g = gen(8)
-    qx, s, _ = triton_fp8.quantize_act_fp8(rand(0, 128, dtype=torch.bfloat16, g=g))
+    qx, s, _ = triton_rowquant.quantize_act_fp8(rand(0, 128, dtype=torch.bfloat16, g=g))
     qw, ws = pack_int4(torch.zeros(16, 128, dtype=torch.int8)).to(DEV), rand(2, 16, dtype=torch.bfloat16, g=g)
     assert qx.shape == (0, 128) and s.shape == (0,)
     assert triton_fp8.int4_fp8_gemm(qx, s, qw, ws).shape == (0, 16)
@@ -244,7 +244,7 @@ def test_gpu_fp8_flux_shapes(m, weight_encoding):
         x = rand(m, k, dtype=dt, g=g)
         smooth = (torch.rand(k, generator=g) + 0.5).to(dt).cuda()
         down, up = rand(k, r, dtype=dt, g=g, scale=0.05), rand(n, r, dtype=dt, g=g, scale=0.05)
-        q, s, lr = triton_fp8.quantize_act_fp8(x, smooth, down)
+        q, s, lr = triton_rowquant.quantize_act_fp8(x, smooth, down)
         eq, es, elr = ref.quantize_act_fp8(x, smooth, down)
         assert torch.equal(codes(q), codes(eq)) and torch.equal(s, es)
         close(lr, elr)
@@ -253,6 +253,6 @@ def test_gpu_fp8_flux_shapes(m, weight_encoding):
         close(triton_fp8.int4_fp8_gemm(q, s, qw, ws, lr, up, bias, out_dtype=dt),
               ref.int4_fp8_gemm(q, s, qw, ws, lr, up, bias, out_dtype=dt))
         tw, tws = pack_ternary(torch.randint(-1, 2, (n, k), generator=g)).cuda(), rand(n, dtype=dt, g=g, scale=0.01).abs()
-        q2, s2, lr2 = triton_fp8.quantize_act_fp8(x, None, down)
+        q2, s2, lr2 = triton_rowquant.quantize_act_fp8(x, None, down)
         close(triton_fp8.ternary_fp8_gemm(q2, s2, tw, tws, lr2, up, bias, out_dtype=dt),
               ref.ternary_fp8_gemm(q2, s2, tw, tws, lr2, up, bias, out_dtype=dt))

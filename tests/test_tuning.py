@@ -71,14 +71,16 @@ def test_table_miss_autotunes(table_dir, w4a4_case, spies):
 
 
 def test_at_most_three_candidates_per_bucket():
-    from comfyui_lowbit.kernels import triton_wonly
+    from comfyui_lowbit.kernels import triton_fp8, triton_rowquant, triton_ternary, triton_wonly
+    from comfyui_lowbit.kernels.triton_common import prune_by_m
 
-    lists = [(triton_w4a4, triton_w4a4.CONFIGS), (triton_act, triton_act.CONFIGS)]
-    lists += [(triton_wonly, c) for by_size in triton_wonly.CONFIGS.values() for c in by_size.values()]
-    for mod, cfgs in lists:
+    lists = [triton_w4a4.CONFIGS, triton_act.CONFIGS, triton_rowquant.CONFIGS, triton_ternary.CONFIGS,
+             triton_fp8.INT4_CONFIGS, triton_fp8.TERNARY_CONFIGS]
+    lists += [c for by_size in triton_wonly.CONFIGS.values() for c in by_size.values()]
+    for cfgs in lists:
         configs = [type("C", (), {"kwargs": c})() for c in cfgs]
         for m in (1, 17, 64, 300, 4608):
-            assert 1 <= len(mod._prune(configs, {"M": m})) <= 3
+            assert 1 <= len(prune_by_m(configs, {"M": m})) <= 3
 
 
 def test_tune_writes_a_table_the_lookup_reads(tmp_path, monkeypatch, table_dir):
@@ -91,8 +93,8 @@ def test_tune_writes_a_table_the_lookup_reads(tmp_path, monkeypatch, table_dir):
     monkeypatch.setattr(tuning, "_TABLES", {})
     data = json.loads(open(path).read())
     assert data["gpu"] == "cpu" and set(data["kernels"]) == {"w4a4", "act_int4", "ternary", "ternary_path",
-                                                             "ternary_int8", "w4a16", "w4a16_path", "act_fp8",
-                                                             "fp8_int4", "fp8_ternary"}
+                                                             "ternary_int8", "act_int8", "w4a16", "w4a16_path",
+                                                             "act_fp8", "fp8_int4", "fp8_ternary"}
     cfg = tuning.lookup("w4a4", torch.device("cpu"), N=64, K=128, R=16, M=64)
     assert cfg in [{**c, "us": 1.0} for c in triton_w4a4.CONFIGS]
     path_entry = tuning.lookup("w4a16_path", torch.device("cpu"), N=64, K=128, G=64, Z=0, M=64)
