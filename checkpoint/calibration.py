@@ -19,10 +19,15 @@ BLOCK_INPUT = "block_input"
 BLOCK_INPUT_NAMES = ("img", "txt", "vec", "pe_cos", "pe_sin")
 
 
+def _block_input_count(keys) -> int:
+    """Distinct block input indices among `block_input.<i>.<name>` keys."""
+    return len({k.split(".")[1] for k in keys if k.startswith(BLOCK_INPUT + ".")})
+
+
 def save_calibration(path: str, tensors: dict, samples: int, tokens: int) -> str:
     """Write `tensors` (InputRecorder.tensors()) to `path` (never overwriting; temp file, then rename)."""
     layers = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith(BLOCK_INPUT + ".")})
-    items = len({k.split(".")[1] for k in tensors if k.startswith(BLOCK_INPUT + ".")})
+    items = _block_input_count(tensors)
     if not layers:
         raise ValueError("no activations were recorded: run a sampler (e.g. KSampler) with the MODEL from "
                          "'LowBit Calibrate' before saving, and pass its LATENT output to the save node")
@@ -106,7 +111,7 @@ class CalibrationFile:
         return (x[~held] if (~held).any() else None), (x[held] if held.any() else None)
 
     def block_input_count(self) -> int:
-        return len({k.split(".")[1] for k in self.keys if k.startswith(BLOCK_INPUT + ".")})
+        return _block_input_count(self.keys)
 
     def check_block_inputs(self) -> int:
         """The number of recorded block inputs; none (or no file): ValueError saying why refinement cannot run."""
