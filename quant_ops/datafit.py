@@ -24,6 +24,19 @@ def svd_lowrank(w: torch.Tensor, rank: int):
     return u * root, v * root
 
 
+def gram_lowrank(w: torch.Tensor, rank: int):
+    """svd_lowrank's factors from the eigenvectors of the smaller Gram matrix (w^T w or w w^T): exact up to float
+    rounding, several times cheaper than a full SVD when rank << min(N, K)."""
+    w = w.float()
+    tall = w.shape[0] >= w.shape[1]
+    evals, vecs = torch.linalg.eigh(w.t() @ w if tall else w @ w.t())
+    vecs = vecs[:, -rank:].flip(1)  # eigh sorts ascending
+    root = evals[-rank:].flip(0).clamp_min(0).sqrt().sqrt().clamp_min(1e-30)  # sqrt(singular value)
+    other = (w @ vecs if tall else w.t() @ vecs) / root
+    scaled = vecs * root
+    return (other, scaled) if tall else (scaled, other)
+
+
 def second_moment(x: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """H = x^T x / tokens (K, K) float32, damped so that it is positive definite (dead channels get 1)."""
     x = x.float()
@@ -47,7 +60,9 @@ class Whitener:
 
     def lowrank(self, m: torch.Tensor, rank: int):
         """(up (N, r), down (K, r)) minimising ||(m - up down^T) C||_F: SVD of m C, mapped back by C^-1."""
-        up, v = svd_lowrank(m @ self.c, rank)
+        # runs tens of times per layer (alternation, GPTQ rounds): the Gram route unless rank is most of min(N, K)
+        mc = m @ self.c
+        up, v = svd_lowrank(mc, rank) if 2 * rank >= min(mc.shape) else gram_lowrank(mc, rank)
         return up, torch.linalg.solve_triangular(self.c.t(), v, upper=True)
 
 

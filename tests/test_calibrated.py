@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_lowbit.quant_ops import InputRecorder, TernaryLinear, quantize_linear, quantizers
-from comfyui_lowbit.quant_ops.datafit import Whitener, gptq_int4_groups, second_moment
+from comfyui_lowbit.quant_ops.datafit import Whitener, gptq_int4_groups, gram_lowrank, second_moment, svd_lowrank
 from comfyui_lowbit.quant_ops.refine import refine_block
 
 from synthetic import heavy_tailed_linear
@@ -162,6 +162,16 @@ def test_refine_block_lowers_block_error():
     with torch.no_grad():  # the refined 16-bit values are what the module now computes with
         err = sum(((q(x.bfloat16()).float() - y) ** 2).sum() / (y ** 2).sum() for x, y in zip(xs, ys)) / len(xs)
     assert abs(err.sqrt().item() - after) < 1e-3 * max(1.0, after) + 1e-4
+
+
+@pytest.mark.parametrize("shape", [(300, 128), (96, 200)])
+def test_gram_lowrank_is_the_truncated_svd(shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * torch.linspace(3, 0.1, shape[1])
+    up, down = svd_lowrank(w, 8)
+    gu, gd = gram_lowrank(w, 8)
+    assert gu.shape == up.shape and gd.shape == down.shape
+    assert ((gu @ gd.t() - up @ down.t()).norm() / (up @ down.t()).norm()).item() < 1e-4
+    assert torch.allclose(gu.norm(dim=0), up.norm(dim=0), rtol=1e-4)  # balanced: U sqrt(S), V sqrt(S)
 
 
 def test_calib_inputs_errors():
