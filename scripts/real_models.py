@@ -32,6 +32,15 @@ CAL_MODULES = ["collections", "json", "argparse", "logging", "subprocess", "path
                "functools", "os", "shutil", "random", "statistics", "string", "textwrap", "typing"]
 HELD_MODULES = ["unittest", "email.message", "http.client", "urllib.request", "csv", "sqlite3", "zipfile", "tarfile",
                 "threading", "asyncio.tasks", "inspect", "decimal", "fractions", "heapq", "calendar", "difflib"]
+# --calib above 128 draws from these as well (none of them is, or holds, a held-out module)
+EXTRA_CAL_MODULES = ["ssl", "socket", "pickle", "copy", "bisect", "xml.etree.ElementTree", "configparser",
+                     "ast", "tokenize", "enum", "dataclasses", "contextlib", "abc", "io", "gzip", "hashlib", "secrets",
+                     "uuid", "ipaddress", "queue", "sched", "selectors", "signal", "codecs", "locale", "gettext",
+                     "zoneinfo", "pprint", "reprlib", "weakref", "types", "operator", "numbers", "tempfile", "glob",
+                     "fnmatch", "filecmp", "plistlib", "mailbox", "mimetypes", "base64", "html.parser",
+                     "xml.dom.minidom", "http.server", "http.cookies", "smtplib", "ftplib", "imaplib", "socketserver",
+                     "xmlrpc.client", "cmd", "shlex", "pdb", "timeit", "trace", "doctest", "runpy", "pkgutil",
+                     "traceback", "warnings", "sysconfig"]
 # name -> (options, calibrated?) ; the improvements switched on one at a time, then together
 VARIANTS = {
     "svdq_w4a4": {"today": ({}, False), "whiten": ({"gptq": False, "act_fit": 0}, True),
@@ -218,6 +227,7 @@ def main(argv=None):
     p.add_argument("--models", default="minilm,mpnet")
     p.add_argument("--formats", default="svdq_w4a4,ternary")
     p.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
+    p.add_argument("--calib", type=int, default=128, help="calibration sentences (default 128)")
     p.add_argument("--tokens", type=int, default=512, help="sampled input rows per layer (default 512)")
     p.add_argument("--refine", type=int, default=200, help="block reconstruction steps for 'all+refine'")
     p.add_argument("--damp", type=float, default=None, help="GPTQ / whitening damping (default: the quantizers')")
@@ -230,7 +240,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     from sentence_transformers import SentenceTransformer
 
-    cal, held = sentences(CAL_MODULES, 128), sentences(HELD_MODULES, 64)
+    cal_mods = CAL_MODULES + (EXTRA_CAL_MODULES if args.calib > 128 else [])
+    cal, held = sentences(cal_mods, args.calib), sentences(HELD_MODULES, 64)
     _CAL_TEXTS[:] = cal
     results = {}
     for name in args.models.split(","):
@@ -260,7 +271,7 @@ def main(argv=None):
                           f"(min {e['cos_min']:.4f})  {e['seconds']:.0f} s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"tokens": args.tokens, "refine": args.refine, "damp": args.damp, "results": results}, f, indent=1)
+            json.dump({"calib": args.calib, "tokens": args.tokens, "refine": args.refine, "damp": args.damp, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
