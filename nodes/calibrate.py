@@ -86,8 +86,8 @@ class LowBitCalibrate:
     FUNCTION = "wrap"
     CATEGORY = "lowbit"
     DESCRIPTION = ("Returns a copy of the model that records the input range and a sample of the inputs of every "
-                   "block linear layer while it samples. Sample your usual prompts with it, then save with 'LowBit Save Calibration'. Statistics "
-                   "accumulate over every prompt sampled with this MODEL while ComfyUI keeps it cached.")
+                   "block linear layer while it samples. Sample 16 or more varied prompts with it, then save with 'LowBit Save "
+                   "Calibration'. Statistics accumulate over every prompt sampled with this MODEL while ComfyUI keeps it cached.")
 
     def wrap(self, model, tokens_per_layer=DEFAULT_TOKENS, block_inputs=DEFAULT_BLOCK_INPUTS):
         from .ops import lowbit_modules
