@@ -8,9 +8,9 @@ CoreModelPatcher / aimdo_enabled are set as main.py sets them. Its VBAR (virtual
 DynamicVRAM streams castable layers) exists on GPUs only; tests/comfyui_vbar.py emulates it in host memory
 with a byte budget standing in for the card, so ComfyUI's own VBAR cast path runs (fault, upload into the
 allocation or a temporary cast buffer, gathered views, release). What a CPU cannot show: real host->device
-copies on side streams and pinned host memory (scripts/gpu_comfyui_full.py --configs stream checks them and
-times them on a GPU). Without the emulated VBAR, 16-bit layers get no VBAR on a CPU and LoRAs on them are not
-applied, so the test LoRAs target quantized layers only.
+copies on side streams, pinned host memory and aimdo's own eviction policy (scripts/gpu_comfyui_full.py
+--configs stream-flux1,stream-flux2 runs and times them on a GPU). Without the emulated VBAR, 16-bit layers get
+no VBAR on a CPU and LoRAs on them are not applied, so the test LoRAs target quantized layers only.
 
 Needs a ComfyUI checkout (0.29.0) in COMFYUI_PATH and its Python environment:
     COMFYUI_PATH=/work/comfyui /work/comfyui/venv/bin/python -m pytest -q tests/test_comfyui_dynamic.py
@@ -324,17 +324,19 @@ def test_modelpatcher_lora_change_leaves_quantized_layers_in_place(comfy, lowbit
     assert torch.equal(again, base) and not torch.equal(outs[0], outs[1])
 
 
-@pytest.fixture(scope="module")
-def te_files(comfy, tmp_path_factory):
-    """A lowbit T5 twice the tiny one's width (layers over ComfyUI's 16 KB: smaller ones it loads whole, no VBAR)."""
+@pytest.fixture(scope="module", params=[256, 128], ids=["streamed", "small-layers"])
+def te_files(comfy, tmp_path_factory, request):
+    """A lowbit T5 of width 256 (layers over 16 KB: ComfyUI streams them) or the tiny one's 128 (layers ComfyUI
+    loads whole instead of giving them a VBAR allocation, its rule for modules under 16 KB)."""
     from comfyui_lowbit import checkpoint
     from tiny_models import _save, tiny_clip_l_state_dict, tiny_t5_state_dict
 
     d = tmp_path_factory.mktemp("dyn_te")
-    src = _save(tiny_t5_state_dict(config={"d_model": 256, "d_ff": 512, "num_heads": 4}), d / "t5.safetensors")
-    t5 = checkpoint.quantize_file(src, str(d / "t5_lowbit.safetensors"), "w4a16", force=True, group_size=64) and \
-        str(d / "t5_lowbit.safetensors")
-    return t5, _save(tiny_clip_l_state_dict(vocab=49408), d / "clip_l.safetensors")
+    width = request.param
+    src = _save(tiny_t5_state_dict(config={"d_model": width, "d_ff": 2 * width, "num_heads": 2 * width // 128}),
+                d / "t5.safetensors")
+    checkpoint.quantize_file(src, str(d / "t5_lowbit.safetensors"), "w4a16", force=True, group_size=64)
+    return str(d / "t5_lowbit.safetensors"), _save(tiny_clip_l_state_dict(vocab=49408), d / "clip_l.safetensors"), width
 
 
 def _te_lora(clip, rank=4, scale=0.05) -> dict:
@@ -351,8 +353,10 @@ def _te_lora(clip, rank=4, scale=0.05) -> dict:
 
 def test_lowbit_text_encoder_streams_under_dynamic_vram(comfy, dynamic, te_files, monkeypatch):
     """A lowbit T5 given half its quantized bytes (the 14 GB Mistral on a 12 GB card, in small): CLIP's patcher is
-    ModelPatcherDynamic, the T5's quantized layers stream through the VBAR, and the conditioning equals the legacy
-    patcher's fully resident one, with a LoRA, a new strength and without it again."""
+    ModelPatcherDynamic, the T5's quantized layers stream through the VBAR (or, under 16 KB, are loaded whole as
+    ComfyUI does with small layers), and the conditioning equals the legacy patcher's fully resident one, with a
+    LoRA, a new strength and without it again."""
+    *te_files, width = te_files
     import comfy.memory_management
     import comfy.model_management
     import comfy.model_patcher as mpm
@@ -393,7 +397,13 @@ def test_lowbit_text_encoder_streams_under_dynamic_vram(comfy, dynamic, te_files
         assert torch.equal(cond, ref[s]), f"strength {s}"
         if s:
             assert all(stream.streamed(m).lora is not None for m in lowbit_layers(with_lora.cond_stage_model).values())
+    assert all(stream.active(m) for m in q.values())
+    if width == 128:  # ComfyUI's force load: the companion's weight is cast whole to the load device, put back after
+        small = [m for m in q.values() if not hasattr(stream.streamed(m), "_v")]
+        assert small and len(clip.patcher.backup) >= len(small)
+        clip.patcher.restore_loaded_backups()
+        assert all(stream.streamed(m).weight._qdata.data_ptr() == m.weight.data_ptr() for m in small)
+        return
     vbar = vram.vbar(clip.patcher)
     at = [stream.streamed(m)._v[1] for m in q.values()]
-    assert all(stream.active(m) for m in q.values())
     assert sum(vbar.uploads[a] for a in at) > 2 * len(at) and vbar.peak <= vram.budget < quantized
