@@ -112,6 +112,10 @@ class Streamed:
         self.lora = None  # {"proj_down", "proj_up", "bias"} from set_lora, on the load device
         self.fp8 = {}  # device -> float32 shift compensation for fp8 activations on act_unsigned layers
 
+    def __deepcopy__(self, memo):
+        # a deep copy of the model (ComfyUI's multi-GPU clones) gets companions of its own tensors at its first load
+        return None
+
     def tensors(self, weight, bias) -> dict:
         """forward_with's tensors from a cast weight (our QuantizedTensor) and bias, with the LoRA columns."""
         p = weight._params

@@ -123,6 +123,48 @@ def _quantized_bytes(mp) -> int:
     return total
 
 
+@pytest.fixture(scope="module")
+def ternary_file(comfy, tmp_path_factory):
+    from tiny_models import write_tiny_lowbit_flux
+
+    return write_tiny_lowbit_flux(tmp_path_factory.mktemp("dyn_t") / "ternary.safetensors", "ternary", rank=16, vec_in_dim=64)
+
+
+def test_streamed_weight_round_trips_through_core_memory_management(comfy, lowbit_file, ternary_file):
+    """Every format's companion weight is a core QuantizedTensor of the layer's logical shape whose dequantize() (core's
+    fallback) is the layer's; gathered into one byte buffer and rebuilt as DynamicVRAM does (vram_aligned_size,
+    cast_to_gathered, interpret_gathered_like), it computes exactly what the layer computes, LoRA columns included."""
+    import comfy.memory_management as cmm
+    import comfy.model_management
+    import comfy.quant_ops
+    from comfyui_lowbit.nodes import stream
+    from comfyui_lowbit.quant_ops import LoraFactor, apply_lora, remove_lora
+
+    formats = set()
+    g = torch.Generator().manual_seed(0)
+    for path in (lowbit_file, ternary_file):
+        for name, m in _lowbit(_load(path, False)).items():
+            formats.add(m.fmt)
+            s = stream.Streamed(m)
+            w = s.weight
+            assert isinstance(w, comfy.quant_ops.QuantizedTensor) and tuple(w.shape) == (m.out_features, m.in_features)
+            assert torch.equal(w.dequantize(), m.dequantize().to(w.dtype)), name
+            buf = torch.empty(cmm.vram_aligned_size([w, s.bias]), dtype=torch.uint8)
+            comfy.model_management.cast_to_gathered([w, s.bias], buf)
+            w2, b2 = cmm.interpret_gathered_like([w, s.bias], buf)
+            assert w2._qdata.data_ptr() == buf.data_ptr() and w2._qdata is not m.weight
+            x = torch.randn(3, m.in_features, generator=g)
+            assert torch.equal(m.forward_with(x, s.tensors(w2, b2)), m(x)), name
+            f = LoraFactor.from_alpha(0.1 * torch.randn(m.out_features, 4, generator=g),
+                                      0.1 * torch.randn(4, m.in_features, generator=g), 4.0, 0.7)
+            stream.set_lora(m, [f], None, "cpu", layer=name)  # the companion made at first use is s's twin
+            t = stream.streamed(m).tensors(w2, b2)
+            apply_lora(m, [f], None, layer=name)
+            assert torch.equal(m.forward_with(x, t), m(x)), f"{name} with a LoRA"
+            remove_lora(m)
+    assert formats == {"svdq_w4a4", "w4a16", "ternary"}
+
+
 def test_dynamic_patcher_samples_like_modelpatcher_with_lora_restrength_and_removal(comfy, dynamic, lowbit_file):
     """No VBAR (a CPU load device, as ComfyUI itself would have it): the quantized layers' companions are castable
     layers and run through cast_bias_weight; LoRAs are branch columns on the companion, the module untouched."""
