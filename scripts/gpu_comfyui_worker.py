@@ -367,8 +367,42 @@ class StreamRunner(Runner):
         sync(torch, self.device)
         return [[cond, {"pooled_output": pooled, "guidance": 3.5}]], time.perf_counter() - t0
 
-    def run_model(self, name, path, cond, lora):
+    def stream_run(self, name, mp, clip, cond, card, quant, before, shape, resident, resident_latent):
+        """One emulated card (None: the whole GPU): encode (with text encoders), load, 1 warm-up step, timed steps."""
         a, torch, mm, dev, out = self.a, self.torch, self.mm, self.device, self.out
+        self.unload()
+        hidden = self.set_card(card)
+        row = dict(model=name, event="stream", card_gb=card, hidden_gb=hidden, quantized_gb=quant / GB)
+        if clip is not None:
+            cond, row["te_encode_s"] = self.encode(clip)
+        t0 = time.perf_counter()
+        mm.load_models_gpu([mp])
+        sync(torch, dev)
+        row["to_device_s"] = time.perf_counter() - t0
+        warm = {}
+        self.sample(mp, 1, cond, warm, **shape)
+        row["first_step_s"] = warm["first_step_s"]
+        self.stats.reset()
+        timed = {}
+        latent = self.sample(mp, a.steps, cond, timed, **shape)
+        st = self.stats
+        row.update(step_s=timed["step_s"], steps_s=timed["steps_s"], device_used_peak_gb=timed["device_used_peak_gb"] - before,
+                   torch_peak_gb=timed["torch_peak_gb"], loaded_gb=mp.loaded_size() / GB,
+                   quant_streamed_gb_per_step=st.bytes["quant"] / a.steps / GB,
+                   quant_streamed_fraction=st.bytes["quant"] / a.steps / quant if quant else None,
+                   quant_cast_buffer_per_step=st.misses["quant"] / a.steps, quant_casts_per_step=st.casts["quant"] / a.steps,
+                   other_streamed_gb_per_step=st.bytes["other"] / a.steps / GB)
+        if card is None:
+            resident, resident_latent = timed["step_s"], latent
+        elif resident_latent is not None:
+            row.update(slowdown=timed["step_s"] / resident if resident and timed["step_s"] else None,
+                       latent_identical=bool(torch.equal(latent, resident_latent)),
+                       latent_rel_l2=float((latent - resident_latent).norm() / resident_latent.norm().clamp_min(1e-12)))
+        out.write(**row)
+        return resident, resident_latent
+
+    def run_model(self, name, path, cond, lora):
+        a, torch, dev, out = self.a, self.torch, self.device, self.out
         cards = sorted({float(c) for c in a.stream_cards.split(",") if c}, reverse=True)
         self.unload()
         self.set_card(None)
@@ -390,35 +424,13 @@ class StreamRunner(Runner):
         shape = dict(channels=info["latent_channels"], downscale=info["downscale"])
         resident, resident_latent = None, None
         for card in [None] + cards:
-            self.unload()
-            hidden = self.set_card(card)
-            row = dict(model=name, event="stream", card_gb=card, hidden_gb=hidden, quantized_gb=quant / GB)
-            if clip is not None:
-                cond, row["te_encode_s"] = self.encode(clip)
-            t0 = time.perf_counter()
-            mm.load_models_gpu([mp])
-            sync(torch, dev)
-            row["to_device_s"] = time.perf_counter() - t0
-            warm = {}
-            self.sample(mp, 1, cond, warm, **shape)
-            row["first_step_s"] = warm["first_step_s"]
-            self.stats.reset()
-            timed = {}
-            latent = self.sample(mp, a.steps, cond, timed, **shape)
-            st = self.stats
-            row.update(step_s=timed["step_s"], steps_s=timed["steps_s"], device_used_peak_gb=timed["device_used_peak_gb"] - before,
-                       torch_peak_gb=timed["torch_peak_gb"], loaded_gb=mp.loaded_size() / GB,
-                       quant_streamed_gb_per_step=st.bytes["quant"] / a.steps / GB,
-                       quant_streamed_fraction=st.bytes["quant"] / a.steps / quant if quant else None,
-                       quant_cast_buffer_per_step=st.misses["quant"] / a.steps, quant_casts_per_step=st.casts["quant"] / a.steps,
-                       other_streamed_gb_per_step=st.bytes["other"] / a.steps / GB)
-            if card is None:
-                resident, resident_latent = timed["step_s"], latent
-            else:
-                row.update(slowdown=timed["step_s"] / resident if resident and timed["step_s"] else None,
-                           latent_identical=bool(torch.equal(latent, resident_latent)),
-                           latent_rel_l2=float((latent - resident_latent).norm() / resident_latent.norm().clamp_min(1e-12)))
-            out.write(**row)
+            try:
+                resident, resident_latent = self.stream_run(name, mp, clip, cond, card, quant, before, shape,
+                                                            resident, resident_latent)
+            except Exception as e:  # noqa: BLE001 - an OOM on one card is a result; the next card still runs
+                import traceback
+                out.write(model=name, event="error", card_gb=card, error=f"{type(e).__name__}: {e}"[:2000],
+                          traceback=traceback.format_exc()[-3000:])
         self.set_card(None)
         del mp, clip
         self.unload()
