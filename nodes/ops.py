@@ -13,6 +13,7 @@ import torch
 import comfy.ops
 
 from ..quant_ops import MODULES, LowBitLinear
+from . import stream
 
 FLOAT16 = (torch.bfloat16, torch.float16)
 
@@ -22,7 +23,8 @@ class _ComfyQuantLinear:
 
     comfy_cast_weights puts the layer in ModelPatcher's load list: in low-VRAM mode a layer that
     stays on the offload device gets comfy_cast_weights = True and its packed tensors are copied
-    to the input's device for each call, like ComfyUI's own cast weights.
+    to the input's device for each call, like ComfyUI's own cast weights. Under ModelPatcherDynamic
+    its Streamed companion is the castable layer instead and the forward streams it (nodes/stream.py).
     """
 
     comfy_cast_weights = False
@@ -36,6 +38,9 @@ class _ComfyQuantLinear:
 
     def forward(self, x, *args, **kwargs):
         comfy.ops.run_every_op()
+        s = self.__dict__.get(stream.ATTR)
+        if s is not None and s.comfy_cast_weights:  # DynamicVRAM: cast in through the VBAR, released after
+            return stream.forward(self, s, x)
         if self.weight.device != x.device:  # offloaded (low VRAM): run on a copy on the input's device
             return self.copy_to(x.device)(x)
         return super().forward(x)

@@ -10,10 +10,10 @@ How it fits ComfyUI's patcher:
   keep their packed weight under `<layer>.weight`, so every format ComfyUI knows maps: BFL, kohya,
   diffusers / PEFT with q/k/v offsets into img_attn.qkv / linear1) and stores the patches per key.
 - Quantized layers hold buffers, not parameters, so ComfyUI's load never merges into them (it only
-  walks parameters). Each `load` (both patchers; ModelPatcherDynamic casts all buffers to the device
-  inside load) first puts the original branches back, then sets each quantized layer's branch to
-  original + its LoRAs. A new strength or a removed LoRA recomposes only the small branch from the
-  kept originals; packed weights are never reloaded, copied or cast.
+  walks parameters). Each `load` (both patchers) first puts the original branches back, then sets each
+  quantized layer's branch to original + its LoRAs (streamed layers: the LoRA columns, see below). A new
+  strength or a removed LoRA recomposes only the small branch from the kept originals; packed weights
+  are never reloaded, copied or cast.
 - Legacy ModelPatcher: a LoRA change makes ComfyUI unpatch the whole model to the offload device and load
   it again; quantized layers are kept out of that move (`unpatch_model` inside `partially_load`), so
   their packed tensors are not copied to the host and back. A real unload still moves them.
@@ -24,16 +24,15 @@ Not routed (skipped with one warning line): DoRA, LoCon mid, LoHa / LoKr / full 
 (scheduled) LoRAs on quantized layers; they still apply to 16-bit layers. LoRA keys that match no
 layer are ComfyUI's to report (one line per key; LowBitLoraStack reports them in one line).
 
-ModelPatcherDynamic (DynamicVRAM, ComfyUI's default on NVIDIA with comfy-aimdo) streams the weights
-of castable layers through its VBAR on demand, but backs up every *buffer* and casts it to the device
-in each `load` (and puts the host copies back in `restore_loaded_backups`). Quantized layers therefore:
-- stay out of its castable-layer list (`_load_list`): no VBAR allocation, no LowVramPatch on a packed
-  weight, no comfy_cast_weights; their tensors are resident on the GPU while the model is loaded (so
-  under DynamicVRAM they are never offloaded: the quantized model must fit; legacy ModelPatcher's
-  low-VRAM mode does offload them, see nodes/ops.py);
-- keep their device copies across reloads (`restore_loaded_backups` inside our `load`): without this
-  every prompt and every LoRA change re-uploaded all packed weights from the host copies. Outside a
-  load (ComfyUI freeing VRAM) the host copies go back as usual, branches first restored.
+ModelPatcherDynamic (DynamicVRAM, ComfyUI's default on NVIDIA with comfy-aimdo) streams the weights of castable
+layers through its VBAR on demand, so a model larger than the card still runs. Quantized layers take part
+(nodes/stream.py): each is listed in `_load_list(for_dynamic=True)` as its `Streamed` companion, whose weight is a
+QuantizedTensor of the packed codes, scales and original branch, and whose bias is the original bias; the
+module's buffers are hidden from ModelPatcherDynamic.load (which would cast every buffer to the device). Their
+LoRAs are columns appended to the streamed branch at run time (kept on the device), so a LoRA change touches
+no streamed tensor: their VBAR copies stay valid (`restore_residency`) and nothing is re-uploaded for it.
+Without comfy-kitchen's QuantizedTensor (ComfyUI logs that it failed to import) quantized layers stay out of
+the load list and resident, as in releases before streaming.
 """
 import logging
 
@@ -42,6 +41,7 @@ import comfy.weight_adapter
 import torch
 
 from ..quant_ops import LoraFactor, LowBitLinear, apply_lora, check_factor, originals, remove_lora
+from . import stream
 
 log = logging.getLogger("comfyui_lowbit")
 
@@ -124,7 +124,8 @@ class LowBitPatcherMixin:
     lowbit_lora = True
 
     def lowbit_apply_patches(self):
-        """Set every quantized layer's branch to its original plus its current LoRA patches; the count."""
+        """Set every quantized layer's branch to its original plus its current LoRA patches (streamed layers: their
+        LoRA columns, on the load device); the count."""
         plans, skipped = [], []
         for path, m in lowbit_layers(self.model).items():
             wp = self.patches.get(f"{path}.weight", [])
@@ -133,30 +134,45 @@ class LowBitPatcherMixin:
                 factors, bias_delta, skip = lora_plan(path, m, wp, bp)  # validates every layer before changing any
                 skipped += skip
                 plans.append((path, m, factors, bias_delta))
+        done, extra = 0, 0
         try:
             for path, m, factors, bias_delta in plans:
-                apply_lora(m, factors, bias_delta, layer=path)
+                if stream.active(m):
+                    extra += stream.set_lora(m, factors, bias_delta, self.load_device, layer=path)
+                    done += stream.streamed(m).lora is not None
+                else:
+                    apply_lora(m, factors, bias_delta, layer=path)
+                    done += originals(m) is not None
         except Exception:
             self.lowbit_restore()  # all or nothing
             raise
+        self.model.model_loaded_weight_memory += extra
         if skipped:
             log.warning("lowbit: %d LoRA patches on quantized layers cannot go into the low-rank branch and were "
                         "skipped: %s%s", len(skipped), ", ".join(skipped[:4]), ", ..." if len(skipped) > 4 else "")
-        return sum(originals(m) is not None for _, m, _, _ in plans)
+        return done
 
     def lowbit_restore(self):
         """Put back every quantized layer's original branch and bias (the very tensors); the count."""
-        return sum(remove_lora(m) for m in lowbit_layers(self.model).values())
+        return sum(remove_lora(m) | stream.clear_lora(m) for m in lowbit_layers(self.model).values())
+
+    def _lowbit_streams(self) -> bool:
+        return self.is_dynamic() and stream.AVAILABLE
 
     def load(self, *args, **kwargs):
-        # Originals back first, so that whatever ComfyUI backs up during load (ModelPatcherDynamic backs up
-        # and casts every buffer) is the original branch; the LoRAs go in after, from the patches as they are now.
+        # Originals back first, so that whatever ComfyUI backs up during load is the original branch; the LoRAs go
+        # in after, from the patches as they are now.
         self.lowbit_restore()
-        self._lowbit_loading = True
-        try:
+        if self._lowbit_streams():
+            layers = lowbit_layers(self.model).values()
+            for m in layers:
+                stream.streamed(m, create=True)
+            kept = stream.keep_residency(layers)
+            with stream.hidden_buffers(layers):
+                out = super().load(*args, **kwargs)
+            stream.restore_residency(kept)
+        else:
             out = super().load(*args, **kwargs)
-        finally:
-            self._lowbit_loading = False
         if not self.is_dynamic():
             self._offload_left_resident()
         self.lowbit_apply_patches()
@@ -183,28 +199,16 @@ class LowBitPatcherMixin:
         loading = super()._load_list(for_dynamic=for_dynamic, default_device=default_device)
         if not for_dynamic:  # legacy ModelPatcher: quantized layers take part in low-VRAM partial loading
             return loading
-        return [x for x in loading if not isinstance(x[-2], LowBitLinear)]  # (..., module_mem, name, module, params)
+        loading = [x for x in loading if not isinstance(x[-2], LowBitLinear)]  # (..., module_mem, name, module, params)
+        if stream.AVAILABLE:  # ModelPatcherDynamic: their Streamed companions instead
+            loading += stream.load_entries(lowbit_layers(self.model))
+        return loading
 
     def restore_loaded_backups(self):
-        # ModelPatcherDynamic only. Called first thing in its load (to re-cast every buffer from the host copy)
-        # and when ComfyUI frees VRAM. In a load, quantized layers keep their device tensors (the casts of those
-        # host copies: lowbit_restore has just put the original branches back), so nothing is re-uploaded.
+        # ModelPatcherDynamic only: first thing in its load, and when ComfyUI frees VRAM (LoRA columns freed too;
+        # the next load puts them back).
         self.lowbit_restore()
-        if not getattr(self, "_lowbit_loading", False):
-            return super().restore_loaded_backups()
-        keep = {}
-        device = torch.device(self.load_device)
-        for path, m in lowbit_layers(self.model).items():
-            for name, t in m.named_buffers(recurse=False):
-                key = f"{path}.{name}"
-                host = self.backup_buffers.get(key)
-                if (host is not None and t is not host and t.device == device and t.shape == host.shape
-                        and t.dtype == host.dtype):
-                    keep[key] = self.backup_buffers.pop(key)
-        try:
-            return super().restore_loaded_backups()
-        finally:
-            self.backup_buffers.update(keep)
+        return super().restore_loaded_backups()
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         # Before ComfyUI's own restore, which may move the model (device_to) or put back buffers it backed up.

@@ -66,6 +66,17 @@ class LowBitLinear(nn.Module):
         return None if self.bias is None else self.bias.float()
 
     # LoRA support (quant_ops/lora.py): the 16-bit low-rank branch can be replaced at run time.
+    def forward(self, x):
+        return self.forward_with(x, self.forward_tensors())
+
+    def forward_tensors(self) -> dict:
+        """{name: tensor} that forward() computes with: the format's tensors and the current low-rank branch
+        (a runtime one for formats without a branch in their checkpoint). forward_with(x, t) takes the same
+        names from elsewhere (nodes/stream.py passes the device copies ComfyUI's DynamicVRAM streams in)."""
+        t = {k: self._buffers.get(k) for k in self.FORMAT_CLS.TENSORS}
+        t["proj_down"], t["proj_up"] = self.branch()
+        return t
+
     def branch(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(proj_down (K, r), proj_up (N, r)) of the low-rank branch, or (None, None)."""
         return self._buffers.get("proj_down"), self._buffers.get("proj_up")
@@ -99,14 +110,15 @@ class LowBitLinear(nn.Module):
 class SVDQW4A4Linear(LowBitLinear):
     FORMAT_CLS = W4A4Weights
 
-    def forward(self, x):
+    def forward_with(self, x, t: dict):
         x2 = self._flat(x)
         if self.activations == "fp8":
-            q, s, lr = kernels.quantize_act_fp8(x2, self.smooth, self.proj_down)
-            y = kernels.int4_fp8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self._fp8_bias(), out_dtype=x.dtype)
+            q, s, lr = kernels.quantize_act_fp8(x2, t["smooth"], t["proj_down"])
+            bias = t["fp8_bias"] if "fp8_bias" in t else self._fp8_bias()
+            y = kernels.int4_fp8_gemm(q, s, t["weight"], t["wscales"], lr, t["proj_up"], bias, out_dtype=x.dtype)
         else:
-            q, s, lr = self._quantize(x2)
-            y = kernels.w4a4_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+            q, s, lr = self._quantize(x2, t)
+            y = kernels.w4a4_gemm(q, s, t["weight"], t["wscales"], lr, t["proj_up"], t["bias"], out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _fp8_bias(self) -> torch.Tensor | None:
@@ -118,14 +130,23 @@ class SVDQW4A4Linear(LowBitLinear):
             self.register_buffer("fp8_bias", self.float_bias(), persistent=False)
         return self.fp8_bias
 
-    def _quantize(self, x2):
+    def _quantize(self, x2, t: dict | None = None):
         # act_unsigned_from u > 0: signed channels [0, u), unsigned shifted channels [u, K), one kernel call
+        t = self.forward_tensors() if t is None else t
         u = self._options.get("act_unsigned_from", 0)
         unsigned = u if u else bool(self._options["act_unsigned"])
-        return kernels.quantize_act_int4(x2, self.smooth, self.proj_down, unsigned=unsigned)
+        return kernels.quantize_act_int4(x2, t["smooth"], t["proj_down"], unsigned=unsigned)
 
-    def _residual(self) -> torch.Tensor:
-        return dequant_int4(self.weight, self.wscales, dtype=torch.float32) / self.smooth.float()
+    def _residual(self, t: dict | None = None) -> torch.Tensor:
+        t = self.forward_tensors() if t is None else t
+        return dequant_int4(t["weight"], t["wscales"], dtype=torch.float32) / t["smooth"].float()
+
+    def shift_compensation(self, t: dict | None = None) -> torch.Tensor | None:
+        """float32 (N,): the share of the +0.171875 input shift that the checkpoint folded out of the bias
+        (None for a signed layer); float_bias() = bias + this. `t`: forward_with's tensors (default: own)."""
+        if not self._options["act_unsigned"]:
+            return None
+        return ACT_SHIFT * self._residual(t)[:, self._options.get("act_unsigned_from", 0):].sum(dim=1)
 
     def dequantize(self) -> torch.Tensor:
         """float32 (N, K) weight: residual / smooth + proj_up @ proj_down^T."""
@@ -135,9 +156,9 @@ class SVDQW4A4Linear(LowBitLinear):
         return w
 
     def float_bias(self):
-        if not self._options["act_unsigned"]:
+        comp = self.shift_compensation()
+        if comp is None:
             return super().float_bias()
-        comp = ACT_SHIFT * self._residual()[:, self._options.get("act_unsigned_from", 0):].sum(dim=1)
         return comp if self.bias is None else self.bias.float() + comp
 
 
@@ -148,16 +169,16 @@ class W4A16Linear(LowBitLinear):
 
     FORMAT_CLS = W4A16Weights
 
-    def forward(self, x):
+    def forward_with(self, x, t: dict):
         x2 = self._flat(x)
-        down, up = self.branch()
+        down, up, bias = t["proj_down"], t["proj_up"], t["bias"]
         if down is None:
-            y = kernels.w4a16_gemm(x2, self.weight, self.wscales, self.wzeros, self.bias, out_dtype=x.dtype)
+            y = kernels.w4a16_gemm(x2, t["weight"], t["wscales"], t["wzeros"], bias, out_dtype=x.dtype)
         else:
-            y = kernels.w4a16_gemm(x2, self.weight, self.wscales, self.wzeros, None, out_dtype=torch.float32)
+            y = kernels.w4a16_gemm(x2, t["weight"], t["wscales"], t["wzeros"], None, out_dtype=torch.float32)
             y = y + kernels.lora_down(x2, down).float() @ up.float().t()
-            if self.bias is not None:
-                y = y + self.bias.float()
+            if bias is not None:
+                y = y + bias.float()
             y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -173,17 +194,18 @@ class TernaryLinear(LowBitLinear):
     FORMAT_CLS = TernaryWeights
     VALUES_PER_BYTE = 4
 
-    def forward(self, x):
+    def forward_with(self, x, t: dict):
         x2 = self._flat(x)
+        w, ws, down, up, bias = t["weight"], t["wscales"], t["proj_down"], t["proj_up"], t["bias"]
         if self.activations == "fp8":
-            q, s, lr = kernels.quantize_act_fp8(x2, None, self.proj_down)
-            y = kernels.ternary_fp8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+            q, s, lr = kernels.quantize_act_fp8(x2, None, down)
+            y = kernels.ternary_fp8_gemm(q, s, w, ws, lr, up, bias, out_dtype=x.dtype)
         elif self._options["act_int8"]:
-            q, s, lr = kernels.quantize_act_int8(x2, self.proj_down)
-            y = kernels.ternary_int8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+            q, s, lr = kernels.quantize_act_int8(x2, down)
+            y = kernels.ternary_int8_gemm(q, s, w, ws, lr, up, bias, out_dtype=x.dtype)
         else:
-            lr = kernels.lora_down(x2, self.proj_down)
-            y = kernels.ternary_gemm(x2, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
+            lr = kernels.lora_down(x2, down)
+            y = kernels.ternary_gemm(x2, w, ws, lr, up, bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def dequantize(self) -> torch.Tensor:

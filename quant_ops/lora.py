@@ -106,6 +106,43 @@ def originals(module: LowBitLinear) -> dict | None:
     return module.__dict__.get(_ORIG)
 
 
+def lora_columns(module: LowBitLinear, factors, bias_delta: torch.Tensor | None = None, layer: str = "layer",
+                 device=None, orig: dict | None = None):
+    """What `apply_lora` adds to the original branch, without touching the module: (down (K, r'), up (N, r'),
+    bias). cat([original proj_down, down], 1) / cat([original proj_up, up], 1) is exactly the branch apply_lora
+    installs (same values, same zero padding; down/up None without factors) and `bias` its bias (None: the
+    original bias unchanged). For layers whose original tensors are streamed to the device (nodes/stream.py)
+    and concatenated with these columns there. `device`: where the new tensors go (default: the module's).
+    """
+    factors = list(factors)
+    orig = orig or originals(module) or {"proj_down": module.branch()[0], "proj_up": module.branch()[1],
+                                         "bias": module.bias}
+    n, k = module.out_features, module.in_features
+    device = module.weight.device if device is None else device
+    down0 = orig["proj_down"]
+    r0 = 0 if down0 is None else down0.shape[1]
+    dtype = module.compute_dtype if down0 is None else down0.dtype
+    down = up = None
+    if factors:
+        down, up = compose_branch(None, None, factors, n, k, dtype=dtype, device=device, layer=layer)
+        pad = -(r0 + down.shape[1]) % RANK_MULTIPLE
+        if pad:
+            down = torch.cat([down, down.new_zeros(k, pad)], dim=1)
+            up = torch.cat([up, up.new_zeros(n, pad)], dim=1)
+        if r0 + down.shape[1] > MAX_RANK:
+            raise ValueError(f"{layer}: low-rank branch rank {r0} + LoRA ranks {[f.rank for f in factors]} = "
+                             f"{r0 + down.shape[1]} (padded to a multiple of {RANK_MULTIPLE}) exceeds {MAX_RANK}, the "
+                             f"most the kernels take; use fewer or lower-rank LoRAs on this layer")
+    bias = None
+    if bias_delta is not None:
+        if bias_delta.shape != (n,):
+            raise ValueError(f"LoRA bias patch for {layer}: shape {tuple(bias_delta.shape)}, expected ({n},)")
+        b0 = orig["bias"]
+        base = torch.zeros(n, dtype=torch.float32, device=device) if b0 is None else b0.to(device).float()
+        bias = (base + bias_delta.to(device=device, dtype=torch.float32)).to(module.compute_dtype)
+    return down, up, bias
+
+
 def apply_lora(module: LowBitLinear, factors, bias_delta: torch.Tensor | None = None, layer: str = "layer") -> None:
     """Set the module's branch to its original branch plus `factors` (replacing any earlier LoRA state).
 
@@ -121,27 +158,17 @@ def apply_lora(module: LowBitLinear, factors, bias_delta: torch.Tensor | None = 
     if orig is None:
         down, up = module.branch()
         orig = {"proj_down": down, "proj_up": up, "bias": module.bias}
-    n, k = module.out_features, module.in_features
     device = module.weight.device
-    dtype = module.compute_dtype
+    down, up, bias = lora_columns(module, factors, bias_delta, layer=layer, device=device, orig=orig)
     down0, up0 = orig["proj_down"], orig["proj_up"]
     if down0 is not None and down0.device != device:  # the module moved since the originals were taken
         down0, up0 = down0.to(device), up0.to(device)
-    down, up = compose_branch(down0, up0, factors, n, k, dtype=dtype if down0 is None else None, device=device, layer=layer,
-                              rank_multiple=RANK_MULTIPLE)
-    if down is not None and down.shape[1] > MAX_RANK:
-        r0 = 0 if down0 is None else down0.shape[1]
-        raise ValueError(f"{layer}: low-rank branch rank {r0} + LoRA ranks {[f.rank for f in factors]} = {down.shape[1]} "
-                         f"(padded to a multiple of {RANK_MULTIPLE}) exceeds {MAX_RANK}, the most the kernels take; "
-                         f"use fewer or lower-rank LoRAs on this layer")
-    bias = orig["bias"]
-    if bias_delta is not None:
-        if bias_delta.shape != (n,):
-            raise ValueError(f"LoRA bias patch for {layer}: shape {tuple(bias_delta.shape)}, expected ({n},)")
-        base = torch.zeros(n, dtype=torch.float32, device=device) if bias is None else bias.to(device).float()
-        bias = (base + bias_delta.to(device=device, dtype=torch.float32)).to(dtype)
-    elif bias is not None and bias.device != device:
-        bias = bias.to(device)
+    if down is None:
+        down, up = down0, up0
+    elif down0 is not None:
+        down, up = torch.cat([down0, down], dim=1), torch.cat([up0, up], dim=1)
+    if bias is None and orig["bias"] is not None:
+        bias = orig["bias"] if orig["bias"].device == device else orig["bias"].to(device)
     module.__dict__[_ORIG] = orig
     module.set_branch(down, up)
     module.bias = bias

@@ -11,6 +11,12 @@ Phases, each a subprocess, results appended to OUT/results.jsonl as they come an
 4. with the time left, `lowbit quantize --device cuda` on the BF16 file (wall time, peak host RAM; if the time
    runs out, the progress reached and the projected total).
 
+Streaming under DynamicVRAM (issue 27), not in the default run: `--configs stream-flux1,stream-flux2` (with
+`--models w4a4 --cli-quantize ''`): FLUX.1 W4A4 with a lowbit T5-XXL-shaped T5 and FLUX.2 [dev]-shaped W4A4 (built
+in memory, gpu_stream_models.py), s/step with the whole GPU, then on emulated 16 / 12 / 8 GB cards
+(torch.cuda.set_per_process_memory_fraction and what --reserve-vram sets), with the quantized bytes streamed per
+step and the slowdown (target: <= 1.3x where half the quantized bytes stream).
+
     python3 scripts/gpu_comfyui_full.py --out $OUT                         # on the GPU machine, <= 8 minutes
     python3 scripts/gpu_comfyui_full.py --out /tmp/dry --small --device cpu --comfyui $COMFYUI_PATH   # dry run
 
@@ -36,10 +42,15 @@ CONFIGS = {  # name: (ComfyUI arguments, low-VRAM fraction, models)
     "lowvram-static": ("--disable-dynamic-vram", 0.5, ("w4a4", "ternary")),
     "lowvram-dynamic": ("", 0.5, ("w4a4", "bf16", "ternary")),
 }
+STREAM = {  # name: (emulated card sizes in GB, models, with FLUX.1's text encoders); DynamicVRAM, opt-in
+    "stream-flux1": ("16,12,8", ("w4a4",), True),
+    "stream-flux2": ("24,16", ("flux2",), False),
+}
+DEFAULT_CONFIGS = ",".join(CONFIGS)
 COMPARE = (("static", "dynamic"), ("lowvram-static", "static"), ("lowvram-dynamic", "dynamic"))
 NEEDED = ("comfy_aimdo", "comfy_kitchen", "torchsde")
 # of the ComfyUI phase's time; the first configuration also pays for compiling and autotuning the Triton kernels
-SHARES = {"dynamic": 4, "static": 3, "lowvram-static": 2, "lowvram-dynamic": 2}
+SHARES = {"dynamic": 4, "static": 3, "lowvram-static": 2, "lowvram-dynamic": 2, "stream-flux1": 4, "stream-flux2": 5}
 # `lowbit quantize` with its peak resident memory printed to stderr every 2 s and at the end (it may be killed)
 CLI_WRAPPER = """
 import sys, threading, time
@@ -74,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--autotune", choices=("on", "first"), default="on",
                    help="first: each Triton kernel runs its first config, untuned (far less compiling; s/step not "
                         "representative)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {list(CONFIGS)}")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"subset of {list(CONFIGS) + list(STREAM)}")
     p.add_argument("--models", default="w4a4,ternary,bf16", help="subset of w4a4, ternary, bf16 (bf16 is also the "
                                                                    "input of `lowbit quantize`)")
     p.add_argument("--cli-quantize", default="svdq_w4a4,ternary", help="formats for `lowbit quantize` with the time "
@@ -189,20 +200,27 @@ def phase_comfy(r: Run, files: dict, reserve: float):
     shutil.rmtree(latents, ignore_errors=True)
     res = r.a.res or (128 if r.a.small else 1024)
     for i, name in enumerate(names):
-        comfy_args, fraction, models = CONFIGS[name]
+        stream = STREAM.get(name)
+        comfy_args, fraction, models = ("", 0.0, stream[1]) if stream else CONFIGS[name]
         share = (r.left() - reserve) * SHARES[name] / sum(SHARES[n] for n in names[i:])
         if share < 20:
             r.write(phase="comfyui", config=name, skipped="no time left")
+            continue
+        paths = {m: files.get(m, "memory" if m == "flux2" else None) for m in models}
+        if not any(paths.values()):
+            r.write(phase="comfyui", config=name, skipped=f"none of its models {list(models)} was built (--models)")
             continue
         args = comfy_args.split()
         if r.a.device == "cpu":
             args.append("--cpu")
         cmd = [sys.executable, HERE / "gpu_comfyui_worker.py", "--comfyui", r.a.comfyui, f"--comfy-args={' '.join(args)}",
-               "--config", name, "--models", ",".join(f"{m}={files[m]}" for m in models if m in files),
+               "--config", name, "--models", ",".join(f"{m}={p}" for m, p in paths.items() if p),
                "--results", r.results, "--latents", latents, "--res", res, "--steps", r.a.steps,
                "--lora-rank", r.a.lora_rank, "--lowvram-fraction", fraction, "--tokens", 32 if r.a.small else 512, "--deadline", time.time() + 0.6 * share]
         if r.a.autotune == "first":
             cmd.append("--autotune-first")
+        if stream:
+            cmd += ["--stream-cards", stream[0]] + (["--stream-te"] if stream[2] else []) + (["--small"] if r.a.small else [])
         if r.a.device == "cpu" and not comfy_args:
             cmd.append("--force-dynamic-cpu")  # ComfyUI enables DynamicVRAM on NVIDIA only
         rc, text, secs = r.run(f"comfyui {name}", cmd, share)

@@ -1,6 +1,12 @@
 """One ComfyUI configuration, in-process: load FLUX files (BF16 and lowbit) through ComfyUI's and our loaders,
 sample, time a LoRA's apply / strength change / removal, write JSON lines. Started by gpu_comfyui_full.py.
 
+--stream-cards 16,12,8 (issue 27) times DynamicVRAM's streaming instead: each model (a lowbit file, or `flux2`:
+a FLUX.2 [dev]-shaped lowbit model built in memory, gpu_stream_models.py) samples with the whole GPU, then on
+emulated cards of those sizes: torch.cuda.set_per_process_memory_fraction, plus what --reserve-vram sets
+(ComfyUI's reserved VRAM and comfy-aimdo's VRAM headroom) so ComfyUI and its VBAR see that card. --stream-te
+adds FLUX.1's text encoders (a lowbit T5-XXL-shaped T5 and a 16-bit CLIP-L), encoding under the same card.
+
 ComfyUI is set up as its main.py 0.29 does (arguments from --comfy-args, then comfy-aimdo and, on NVIDIA,
 ModelPatcherDynamic as CoreModelPatcher), without the server. --force-dynamic-cpu builds ModelPatcherDynamic
 on a CPU the way tests/test_comfyui_dynamic.py does (dry runs only).
@@ -34,6 +40,11 @@ def parse_args(argv=None):
     p.add_argument("--deadline", type=float, default=0.0, help="epoch seconds; models not started by then are skipped")
     p.add_argument("--force-dynamic-cpu", action="store_true")
     p.add_argument("--autotune-first", action="store_true", help="every lowbit Triton kernel keeps only its first config")
+    p.add_argument("--stream-cards", default="", help="emulated card sizes in GB (e.g. 16,12,8): time DynamicVRAM "
+                                                       "streaming against the whole GPU instead of the default runs")
+    p.add_argument("--stream-te", action="store_true", help="with --stream-cards: FLUX.1 models also load and encode "
+                                                             "with a lowbit T5-XXL-shaped T5 and a CLIP-L")
+    p.add_argument("--small", action="store_true", help="reduced in-memory models (flux2, text encoders): dry runs")
     return p.parse_args(argv)
 
 
@@ -151,14 +162,14 @@ class Runner:
         self.a, self.info, self.out, self.torch, self.mm = a, info, out, torch, mm
         self.device = mm.get_torch_device()
 
-    def sample(self, mp, steps, cond, timings=None):
+    def sample(self, mp, steps, cond, timings=None, channels=16, downscale=8):
         import comfy.sample
 
         torch, dev = self.torch, self.device
-        h = w = self.a.res // 8
+        h = w = self.a.res // downscale
         g = torch.Generator().manual_seed(0)
-        noise = torch.randn(1, 16, h, w, generator=g)
-        latent = torch.zeros(1, 16, h, w)
+        noise = torch.randn(1, channels, h, w, generator=g)
+        latent = torch.zeros(1, channels, h, w)
         marks = []
 
         def callback(step, x0, x, total):
@@ -278,6 +289,153 @@ class Runner:
                        lora_effect_rel=float((lats["apply"] - base).norm() / base.norm()))
 
 
+class StreamStats:
+    """Counts what DynamicVRAM copies in: every cast of a castable layer whose VBAR copy was not resident
+    (comfy.ops.resolve_cast_module_with_vbar), split into our quantized layers (Streamed) and ComfyUI's own."""
+
+    def __init__(self):
+        import comfy.memory_management
+        import comfy.ops
+
+        from comfyui_lowbit.nodes.stream import Streamed
+
+        self.reset()
+        real = comfy.ops.resolve_cast_module_with_vbar
+
+        def resolve(s, *args, **kwargs):
+            prefetch = getattr(s, "_prefetch", None) or {}
+            kind = "quant" if isinstance(s, Streamed) else "other"
+            self.casts[kind] += 1
+            if not prefetch.get("resident", True):
+                self.bytes[kind] += comfy.memory_management.vram_aligned_size([s.weight, s.bias])
+                self.misses[kind] += prefetch.get("signature") is None
+            return real(s, *args, **kwargs)
+
+        comfy.ops.resolve_cast_module_with_vbar = resolve
+
+    def reset(self):
+        self.casts, self.bytes, self.misses = {"quant": 0, "other": 0}, {"quant": 0, "other": 0}, {"quant": 0, "other": 0}
+
+
+def quantized_bytes(model) -> int:
+    """Bytes of a model's quantized layers as DynamicVRAM streams them."""
+    import comfy.memory_management
+
+    from comfyui_lowbit.nodes.patcher import lowbit_layers
+
+    return sum(comfy.memory_management.vram_aligned_size([t for t in m._buffers.values() if t is not None])
+               for m in lowbit_layers(model).values())
+
+
+class StreamRunner(Runner):
+    """--stream-cards: s/step on the whole GPU, then on emulated smaller cards, for one model at a time."""
+
+    def __init__(self, a, info, out):
+        super().__init__(a, info, out)
+        self.stats = StreamStats()
+        self.extra_reserved = self.mm.EXTRA_RESERVED_VRAM
+
+    def set_card(self, gb):
+        """Emulate a card of `gb` GB (None: the whole GPU); the GB hidden from ComfyUI, or None on a CPU."""
+        torch, mm, dev = self.torch, self.mm, self.device
+        if dev.type != "cuda":
+            return None
+        total = torch.cuda.get_device_properties(dev).total_memory
+        hidden = 0 if gb is None else max(0, total - gb * GB)
+        torch.cuda.set_per_process_memory_fraction(1.0 if gb is None else min(1.0, gb * GB / total), dev)
+        mm.EXTRA_RESERVED_VRAM = self.extra_reserved + hidden  # what --reserve-vram sets (on top of the default)
+        if self.info.get("aimdo"):
+            import comfy_aimdo.control
+            comfy_aimdo.control.init(simple_vram_headroom=int(hidden))  # main.py passes --reserve-vram here
+        return hidden / GB
+
+    def load(self, name, path):
+        if name != "flux2":
+            mp, secs = super().load(name, path)
+            return mp, secs, {"latent_channels": 16, "downscale": 8}
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import gpu_stream_models
+
+        t0 = time.perf_counter()
+        mp, info = gpu_stream_models.load_flux2(small=self.a.small)
+        return mp, time.perf_counter() - t0, info
+
+    def encode(self, clip):
+        torch = self.torch
+        t0 = time.perf_counter()
+        cond, pooled = clip.encode_from_tokens(clip.tokenize("a lighthouse on a cliff at dusk"), return_pooled=True)
+        sync(torch, self.device)
+        return [[cond, {"pooled_output": pooled, "guidance": 3.5}]], time.perf_counter() - t0
+
+    def stream_run(self, name, mp, clip, cond, card, quant, before, shape, resident, resident_latent):
+        """One emulated card (None: the whole GPU): encode (with text encoders), load, 1 warm-up step, timed steps."""
+        a, torch, mm, dev, out = self.a, self.torch, self.mm, self.device, self.out
+        self.unload()
+        hidden = self.set_card(card)
+        row = dict(model=name, event="stream", card_gb=card, hidden_gb=hidden, quantized_gb=quant / GB)
+        if clip is not None:
+            cond, row["te_encode_s"] = self.encode(clip)
+        t0 = time.perf_counter()
+        mm.load_models_gpu([mp])
+        sync(torch, dev)
+        row["to_device_s"] = time.perf_counter() - t0
+        warm = {}
+        self.sample(mp, 1, cond, warm, **shape)
+        row["first_step_s"] = warm["first_step_s"]
+        self.stats.reset()
+        timed = {}
+        latent = self.sample(mp, a.steps, cond, timed, **shape)
+        st = self.stats
+        row.update(step_s=timed["step_s"], steps_s=timed["steps_s"], device_used_peak_gb=timed["device_used_peak_gb"] - before,
+                   torch_peak_gb=timed["torch_peak_gb"], loaded_gb=mp.loaded_size() / GB,
+                   quant_streamed_gb_per_step=st.bytes["quant"] / a.steps / GB,
+                   quant_streamed_fraction=st.bytes["quant"] / a.steps / quant if quant else None,
+                   quant_cast_buffer_per_step=st.misses["quant"] / a.steps, quant_casts_per_step=st.casts["quant"] / a.steps,
+                   other_streamed_gb_per_step=st.bytes["other"] / a.steps / GB)
+        if card is None:
+            resident, resident_latent = timed["step_s"], latent
+        elif resident_latent is not None:
+            row.update(slowdown=timed["step_s"] / resident if resident and timed["step_s"] else None,
+                       latent_identical=bool(torch.equal(latent, resident_latent)),
+                       latent_rel_l2=float((latent - resident_latent).norm() / resident_latent.norm().clamp_min(1e-12)))
+        out.write(**row)
+        return resident, resident_latent
+
+    def run_model(self, name, path, cond, lora):
+        a, torch, dev, out = self.a, self.torch, self.device, self.out
+        cards = sorted({float(c) for c in a.stream_cards.split(",") if c}, reverse=True)
+        self.unload()
+        self.set_card(None)
+        before = vram_used(torch, dev)
+        mp, t_build, info = self.load(name, path)
+        clip, te = None, {}
+        if a.stream_te and name != "flux2":
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import gpu_stream_models
+
+            clip, te = gpu_stream_models.load_flux1_text_encoders(small=a.small, d_model=cond[0][0].shape[-1])
+        elif name == "flux2":
+            g = torch.Generator().manual_seed(1)
+            cond = [[torch.randn(1, a.tokens, info["context_in_dim"], generator=g), {"guidance": 3.5}]]
+        quant = quantized_bytes(mp.model)
+        out.write(model=name, event="stream_load", build_s=t_build, patcher=type(mp).__name__, dynamic=mp.is_dynamic(),
+                  model_size_gb=mp.model_size() / GB, quantized_gb=quant / GB, cards=cards, **te,
+                  **{k: v for k, v in info.items() if k in ("layers",)})
+        shape = dict(channels=info["latent_channels"], downscale=info["downscale"])
+        resident, resident_latent = None, None
+        for card in [None] + cards:
+            try:
+                resident, resident_latent = self.stream_run(name, mp, clip, cond, card, quant, before, shape,
+                                                            resident, resident_latent)
+            except Exception as e:  # noqa: BLE001 - an OOM on one card is a result; the next card still runs
+                import traceback
+                out.write(model=name, event="error", card_gb=card, error=f"{type(e).__name__}: {e}"[:2000],
+                          traceback=traceback.format_exc()[-3000:])
+        self.set_card(None)
+        del mp, clip
+        self.unload()
+
+
 def rss_peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
@@ -300,18 +458,20 @@ def main(argv=None):
     if a.autotune_first:
         info["autotuners_trimmed"] = autotune_first()
     out.write(event="setup", comfy_args=a.comfy_args, **info)
-    runner = Runner(a, info, out)
+    runner = (StreamRunner if a.stream_cards else Runner)(a, info, out)
     models = dict(kv.split("=", 1) for kv in a.models.split(","))
     config = None
     for name, path in models.items():
+        if name == "flux2":  # built in memory (--stream-cards)
+            continue
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             if "lowbit.config" in meta:
                 config = json.loads(meta["lowbit.config"])
             elif config is None:
                 config = flux.infer_config({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    cond = conditioning(torch, a.tokens, config["context_in_dim"], config["vec_in_dim"])
-    lora = make_lora(torch, config, a.lora_rank)
+    cond = conditioning(torch, a.tokens, config["context_in_dim"], config["vec_in_dim"]) if config else None
+    lora = make_lora(torch, config, a.lora_rank) if config and not a.stream_cards else None
     for name, path in models.items():
         if a.deadline and time.time() > a.deadline:
             out.write(model=name, event="skipped", reason="deadline")

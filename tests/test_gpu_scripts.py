@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -80,3 +81,70 @@ def test_quantize_progress_is_read_from_the_log(tmp_path):
                    "x.safetensors:   5%|5         | 21/437 [00:10<03:20,  2.1layer/s]\rx.safetensors:  "
                    "10%|#         | 44/437 [00:20<03:00]\nLOWBIT_PEAK_RSS_GB=2.250\n")
     assert progress_from_log(log) == {"done": 44, "total": 437, "host_rss_peak_gb": 2.25}
+
+
+def test_stream_summary_renders_rows(tmp_path):
+    """The DynamicVRAM streaming rows (issue 27) become one table line per model and card, with the target checked
+    only where at least half the quantized bytes streamed."""
+    from gpu_comfyui_summary import write_summary
+
+    base = {"config": "stream-flux1", "model": "w4a4", "event": "stream", "quantized_gb": 6.2}
+    rows = [
+        {"config": "stream-flux1", "model": "w4a4", "event": "stream_load", "patcher": "LowBitModelPatcherDynamic",
+         "quantized_gb": 6.2, "model_size_gb": 6.6, "t5_quantized_gb": 2.4, "build_s": 3.0},
+        {**base, "card_gb": None, "te_encode_s": 0.4, "first_step_s": 80.0, "step_s": 0.60, "quant_streamed_fraction": 0.0},
+        {**base, "card_gb": 12.0, "step_s": 0.62, "slowdown": 1.03, "quant_streamed_fraction": 0.1, "latent_identical": True},
+        {**base, "card_gb": 8.0, "step_s": 0.72, "slowdown": 1.2, "quant_streamed_gb_per_step": 3.4,
+         "quant_streamed_fraction": 0.55, "device_used_peak_gb": 7.6, "latent_identical": True},
+        {**base, "config": "stream-flux2", "model": "flux2", "card_gb": 16.0, "step_s": 3.0, "slowdown": 1.6,
+         "quant_streamed_fraction": 0.6, "latent_identical": True},
+    ]
+    res = tmp_path / "results.jsonl"
+    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_summary(res, tmp_path / "summary.md")
+    md = (tmp_path / "summary.md").read_text()
+    assert "## DynamicVRAM streaming (issue 27)" in md and "quantized 6.20 GB of 6.60 GB, lowbit T5 2.40 GB" in md
+    assert "| stream-flux1 | w4a4 | whole GPU | 0.40 | 80.00 | 0.60 | - |" in md
+    assert "| stream-flux1 | w4a4 | 12 | - | - | 0.62 | 1.03 | - | 0.10 | - | - | - | yes | - |" in md
+    assert "| stream-flux1 | w4a4 | 8 | - | - | 0.72 | 1.20 | 3.40 | 0.55 | - | - | 7.60 | yes | met |" in md
+    assert "| stream-flux2 | flux2 | 16 | - | - | 3.00 | 1.60 | - | 0.60 | - | - | - | yes | MISSED |" in md
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not COMFY, reason="COMFYUI_PATH is not set (point it at a ComfyUI 0.29.0 checkout)")
+def test_stream_step_dry_run_on_cpu(tmp_path):
+    """The streaming step of the GPU run (gpu_comfyui_worker.py --stream-cards) end to end on a CPU, reduced: a lowbit
+    FLUX.1 with FLUX.1's text encoders (lowbit T5, tokens fixed as where ComfyUI's vocabularies are not carried) and
+    the FLUX.2-shaped model built in memory through ComfyUI's flux2 detection, each on the whole device and one card.
+    ModelPatcherDynamic is forced as tests/test_comfyui_dynamic.py does; a CPU has no VBAR, so nothing streams and
+    no card is emulated here (what the step measures needs the GPU)."""
+    from tiny_models import write_tiny_lowbit_flux
+
+    flux1 = write_tiny_lowbit_flux(tmp_path / "w4a4.safetensors", "svdq_w4a4", rank=16)
+    res = tmp_path / "results.jsonl"
+    cmd = [sys.executable, str(SCRIPTS / "gpu_comfyui_worker.py"), "--comfyui", COMFY, "--comfy-args=--cpu",
+           "--config", "stream", "--models", f"w4a4={flux1},flux2=memory", "--results", str(res),
+           "--latents", str(tmp_path / "latents"), "--res", "32", "--steps", "2", "--tokens", "8", "--force-dynamic-cpu",
+           "--stream-cards", "8", "--stream-te", "--small"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "LOWBIT_BACKEND": "reference"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in res.read_text().splitlines()]
+    assert not [r for r in rows if r.get("event") == "error"], rows
+    loads = {r["model"]: r for r in rows if r.get("event") == "stream_load"}
+    assert set(loads) == {"w4a4", "flux2"} and all(r["patcher"] == "LowBitModelPatcherDynamic" for r in loads.values())
+    assert loads["w4a4"]["t5_layers"] == 14 and loads["w4a4"]["fixed_tokens"] is False and loads["flux2"]["layers"] == 15
+    runs = [(r["model"], r["card_gb"]) for r in rows if r.get("event") == "stream"]
+    assert runs == [("w4a4", None), ("w4a4", 8.0), ("flux2", None), ("flux2", 8.0)]
+    assert all(r["latent_identical"] and r["step_s"] > 0 for r in rows if r.get("event") == "stream" and r["card_gb"])
+
+
+@pytest.mark.comfyui
+def test_fixed_tokens_stand_in_for_flux_tokenizer(comfy):
+    """Where the carried ComfyUI copy has no vocabularies, the streaming step's text encoders still build and encode:
+    FLUX's CLIP-L + T5 token lists of fixed tokens (77 and 512), the lowbit T5's layers quantized and wrapped."""
+    import gpu_stream_models
+
+    clip, info = gpu_stream_models.load_flux1_text_encoders(small=True, fixed_tokens=True, d_model=128)
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("any text"), return_pooled=True)
+    assert info["fixed_tokens"] and info["t5_layers"] == 14 and type(clip.patcher).__name__.startswith("LowBit")
+    assert cond.shape == (1, 512, 128) and pooled.shape == (1, 768) and torch.isfinite(cond).all()

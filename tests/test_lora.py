@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_lowbit.quant_ops import W4A16Linear, quantize_linear
-from comfyui_lowbit.quant_ops import LoraFactor, apply_lora, compose_branch, originals, remove_lora
+from comfyui_lowbit.quant_ops import LoraFactor, apply_lora, compose_branch, lora_columns, originals, remove_lora
 
 from synthetic import heavy_tailed_linear
 
@@ -286,6 +286,33 @@ def test_copy_to_keeps_runtime_branch(layers):
             assert torch.equal(c(x), m(x))
     finally:
         remove_lora(m)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_lora_columns_are_what_apply_lora_appends(layers, name):
+    """Streamed layers (nodes/stream.py) get their LoRAs as columns concatenated to the original branch at run
+    time: original + lora_columns is bit for bit the branch apply_lora installs (padding included), its bias the
+    same, and forward_with those tensors equals the module's forward with the LoRA applied; the module untouched."""
+    m = layers[name]
+    n, k = m.out_features, m.in_features
+    factors = [_lora(n, k, rank=5, seed=7), _lora(n // 3, k, rank=3, seed=8, out_offset=(n // 3, n // 3))]
+    delta = 0.01 * torch.randn(n, generator=torch.Generator().manual_seed(2))
+    before = {key: t for key, t in m.forward_tensors().items()}
+    down, up, bias = lora_columns(m, factors, delta, layer=name)
+    assert all(m.forward_tensors()[key] is t for key, t in before.items())
+    t = dict(before, bias=bias)
+    t["proj_down"] = down if before["proj_down"] is None else torch.cat([before["proj_down"], down], 1)
+    t["proj_up"] = up if before["proj_up"] is None else torch.cat([before["proj_up"], up], 1)
+    x = _x(k)
+    apply_lora(m, factors, delta, layer=name)
+    try:
+        assert torch.equal(t["proj_down"], m.branch()[0]) and torch.equal(t["proj_up"], m.branch()[1])
+        assert torch.equal(bias, m.bias) and t["proj_down"].shape[1] % 16 == 0
+        with torch.no_grad():
+            assert torch.equal(m.forward_with(x, t), m(x))
+    finally:
+        remove_lora(m)
+    assert lora_columns(m, [], None) == (None, None, None)
 
 
 @pytest.mark.parametrize("name", ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_mod.lin",
