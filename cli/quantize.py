@@ -54,8 +54,8 @@ def add_parser(sub) -> None:
     q.set_defaults(run=run_quantize)
 
 
-def gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+def gb(n: int, digits: int = 3) -> str:
+    return f"{n / 1e9:.{digits}f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def run_quantize(args) -> int:

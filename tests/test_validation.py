@@ -110,9 +110,9 @@ def test_quantize_checks_free_space_first(tmp_path, files, capsys, monkeypatch, 
 def test_output_size_estimate_is_a_close_upper_bound(tmp_path, files):
     """The free-space check's estimate against real outputs (w4a16 made here: it takes a second)."""
     w4a16 = checkpoint.quantize_file(files["src"], tmp_path / "w4a16.safetensors", "w4a16")["dst"]
-    model, plan, shapes, config, fmt_of = convert._plan(convert._Source(files["src"]))
+    model, plan, shapes, config, family = convert._plan(convert._Source(files["src"]))
     for path, fmt, rank in ((files["lowbit"], "svdq_w4a4", 16), (w4a16, "w4a16", 0)):
-        estimate = convert._output_bytes(convert._units(plan), shapes, fmt_of, fmt, rank, 64)
+        estimate = convert._output_bytes(convert._units(plan), shapes, family.layer_format, fmt, rank, 64)
         actual = os.path.getsize(path)
         assert actual <= estimate < 1.15 * actual + (1 << 20), (fmt, actual, estimate)
 

@@ -19,6 +19,12 @@ TINY_T5_CONFIG = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2,
 TINY_FLUX_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=TINY_T5_CONFIG["d_model"],
                         hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
                         axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True)
+# FLUX.2-shaped (ComfyUI's image_model flux2): text width 384 = 3 x the tiny FLUX.2 text encoders' width 128
+# (ComfyUI stacks three of their layers); [klein] has no guidance embedder, [dev] has one
+TINY_FLUX2_CONFIG = dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=384,
+                         hidden_size=256, mlp_ratio=3.0, num_heads=2, depth=2, depth_single_blocks=2,
+                         axes_dim=[32, 32, 32, 32], theta=2000, qkv_bias=False, guidance_embed=False)
+TINY_TE_WIDTH = 128
 OUTLIER_COLUMNS = 3
 TAIL_DOF = 6  # Student-t degrees of freedom: heavier tails than Gaussian, milder than real outliers
 
@@ -51,6 +57,11 @@ def tiny_flux_state_dict(seed=0, naming="bfl", dtype=torch.bfloat16, prefix="", 
     return {prefix + k: v for k, v in sd.items()}
 
 
+def tiny_flux2_state_dict(seed=0, naming="bfl", dtype=torch.bfloat16, prefix="", **overrides) -> dict:
+    """A tiny FLUX.2 transformer (TINY_FLUX2_CONFIG with overrides, e.g. guidance_embed=True for [dev])."""
+    return tiny_flux_state_dict(seed, naming, dtype, prefix, config={**TINY_FLUX2_CONFIG, **overrides})
+
+
 def bfl_to_diffusers(sd: dict) -> dict:
     """Split a BFL state dict into diffusers names (the inverse of flux.diffusers_plan)."""
     plan = flux.diffusers_plan(_diffusers_keys(sd))
@@ -72,7 +83,8 @@ def bfl_to_diffusers(sd: dict) -> dict:
 def _diffusers_keys(sd: dict) -> list:
     """The diffusers key names a BFL state dict maps to (needed to build the plan before splitting)."""
     keys = []
-    inv_top = {**flux._TOP, flux.FINAL_MOD[0]: flux.FINAL_MOD[1]}
+    top, double, single = flux.diffusers_tables([flux.FLUX2_DIFFUSERS_KEY] if flux.FLUX2_KEY in sd else [])
+    inv_top = {**top, flux.FINAL_MOD[0]: flux.FINAL_MOD[1]}
     for k in sd:
         layer, _, end = k.rpartition(".")
         if layer in inv_top:
@@ -81,9 +93,9 @@ def _diffusers_keys(sd: dict) -> list:
         parts = layer.split(".")
         kind, i, rest = parts[0], parts[1], ".".join(parts[2:])
         if kind == "double_blocks":
-            src, lin, norms = f"transformer_blocks.{i}", flux._DOUBLE, flux._DOUBLE_NORMS
+            src, lin, norms = f"transformer_blocks.{i}", double, flux._DOUBLE_NORMS
         else:
-            src, lin, norms = f"single_transformer_blocks.{i}", flux._SINGLE, flux._SINGLE_NORMS
+            src, lin, norms = f"single_transformer_blocks.{i}", single, flux._SINGLE_NORMS
         if rest in lin:
             keys += [f"{src}.{s}.{end}" for s in lin[rest]]
         else:
@@ -137,6 +149,11 @@ def write_tiny_flux(path, seed=0, naming="bfl", dtype=torch.bfloat16, prefix="",
     return _save(tiny_flux_state_dict(seed, naming, dtype, prefix, **overrides), path)
 
 
+def write_tiny_flux2(path, seed=0, naming="bfl", dtype=torch.bfloat16, prefix="", **overrides) -> str:
+    """A 16-bit tiny FLUX.2 safetensors file at `path`."""
+    return _save(tiny_flux2_state_dict(seed, naming, dtype, prefix, **overrides), path)
+
+
 def write_tiny_t5(path, seed=0, dtype=torch.bfloat16) -> str:
     return _save(tiny_t5_state_dict(seed, dtype), path)
 
@@ -151,6 +168,16 @@ def write_tiny_lowbit_flux(path, fmt="svdq_w4a4", rank=16, seed=0, calib=None, o
 
     with tempfile.TemporaryDirectory() as tmp:
         src = write_tiny_flux(os.path.join(tmp, "tiny_flux.safetensors"), seed=seed, **overrides)
+        checkpoint.quantize_file(src, str(path), fmt, rank=rank, calib=calib, force=True, options=options)
+    return str(path)
+
+
+def write_tiny_lowbit_flux2(path, fmt="svdq_w4a4", rank=16, seed=0, calib=None, options=FAST, **overrides) -> str:
+    """A lowbit tiny FLUX.2 checkpoint at `path`, quantized through checkpoint.quantize_file."""
+    from comfyui_lowbit import checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_tiny_flux2(os.path.join(tmp, "tiny_flux2.safetensors"), seed=seed, **overrides)
         checkpoint.quantize_file(src, str(path), fmt, rank=rank, calib=calib, force=True, options=options)
     return str(path)
 
