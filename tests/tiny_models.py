@@ -11,7 +11,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from comfyui_lowbit.checkpoint import flux, t5
+from comfyui_lowbit.checkpoint import flux, llm, t5
 
 TINY_T5_CONFIG = dict(d_ff=256, d_kv=64, d_model=128, num_heads=2, num_layers=2, vocab_size=32128,
                       dense_act_fn="gelu_pytorch_tanh", is_gated_act=True, model_type="t5",
@@ -135,6 +135,65 @@ def tiny_clip_l_state_dict(seed=0, dtype=torch.float16, hidden=128, layers=2, vo
     sd = {k: _value(k, s, g).to(dtype) for k, s in sorted(shapes.items())}
     sd["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     return sd
+
+
+# FLUX.2 text encoders in ComfyUI's names (checkpoint/llm.py) at width 128: ComfyUI stacks the outputs of layers
+# 9, 18, 27 (Qwen3) / 10, 20, 30 (Mistral 3), so they keep 28 / 40 layers; Qwen3 keeps the real vocabulary (its
+# tokenizer ships with ComfyUI), Mistral a 512-entry tekken vocabulary written into the file as ComfyUI's is
+TINY_QWEN3_CONFIG = dict(model_type="qwen3_4b", vocab_size=151936, hidden_size=TINY_TE_WIDTH, intermediate_size=256,
+                         num_hidden_layers=28, num_attention_heads=1, num_key_value_heads=1, q_norm=True,
+                         final_norm=True, lm_head=False)
+TINY_MISTRAL_CONFIG = dict(model_type="mistral3_24b", vocab_size=512, hidden_size=TINY_TE_WIDTH, intermediate_size=256,
+                           num_hidden_layers=40, num_attention_heads=1, num_key_value_heads=1, q_norm=False,
+                           final_norm=True, lm_head=False)
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tiny_tekken(vocab_size: int = 512) -> torch.Tensor:
+    """A byte-level tekken tokenizer JSON (Mistral's format: special tokens, then 256 byte tokens) as the uint8
+    tensor ComfyUI's FLUX.2 text-encoder file carries under `tekken_model`."""
+    import base64
+    import json
+
+    data = {"config": {"pattern": TEKKEN_PATTERN, "default_vocab_size": vocab_size,
+                       "default_num_special_tokens": len(MISTRAL_SPECIALS)},
+            "special_tokens": [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(MISTRAL_SPECIALS)],
+            "vocab": [{"rank": i, "token_bytes": base64.b64encode(bytes([i])).decode()} for i in range(256)]}
+    return torch.frombuffer(bytearray(json.dumps(data).encode()), dtype=torch.uint8).clone()
+
+
+def tiny_llm_state_dict(config=None, seed=0, dtype=torch.bfloat16) -> dict:
+    """A tiny FLUX.2 text encoder (TINY_QWEN3_CONFIG by default) in ComfyUI's key names; Mistral-shaped ones carry
+    a tekken tokenizer. The layers writing into the residual stream (o_proj, down_proj) are scaled by
+    1 / sqrt(2 x layers), GPT-2's residual init, so that 28-40 random layers do not each replace the stream."""
+    c = dict(config or TINY_QWEN3_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    residual = (2 * c["num_hidden_layers"]) ** -0.5
+    sd = {}
+    for k, shape in sorted(llm.expected_shapes(c).items()):
+        v = torch.randn(shape, generator=g) if k == "model.embed_tokens.weight" else _value(k, shape, g)
+        sd[k] = (v * residual if k.endswith(("o_proj.weight", "down_proj.weight")) else v).to(dtype)
+    if c["model_type"] == "mistral3_24b":
+        sd["tekken_model"] = tiny_tekken(c["vocab_size"])
+    return sd
+
+
+def write_tiny_llm(path, config=None, seed=0) -> str:
+    return _save(tiny_llm_state_dict(config, seed), path)
+
+
+def write_tiny_lowbit_llm(path, config=None, seed=0) -> str:
+    from comfyui_lowbit import checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_tiny_llm(os.path.join(tmp, "tiny_te.safetensors"), config, seed)
+        checkpoint.quantize_file(src, str(path), "w4a16", force=True)
+    return str(path)
 
 
 def _save(sd: dict, path, metadata=None) -> str:
