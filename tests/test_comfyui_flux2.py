@@ -397,3 +397,41 @@ def test_stock_flux2_graph_with_reference_image(server):
     print(f"FLUX.2 dev W4A4 with a reference image: the reference moves the latent by {moved:.3f}; "
           f"error vs 16-bit {err:.3f}")
     assert moved > 0.02 and err < LATENT_TOL["svdq_w4a4"]
+
+
+def test_calibrate_and_quantize_nodes_on_flux2(server):
+    """LowBit Calibrate on the 16-bit [klein] model inside the stock graph (the result unchanged), LowBit Save
+    Calibration (block linears' ranges and samples, first-block inputs with the raw vec of the global modulation),
+    then LowBit Quantize Model with that file and block-wise refinement; the result samples near the 16-bit model."""
+    from comfyui_harness import output_files
+    from safetensors import safe_open
+
+    from comfyui_lowbit import checkpoint
+
+    te = "qwen3_bf16.safetensors"
+    wf = _graph(_unet("flux2_klein_bf16.safetensors"), _te(te), "f2/calib")
+    wf["20"] = {"class_type": "LowBitCalibrate", "inputs": {"model": ["1", 0], "tokens_per_layer": 64}}
+    wf["9"]["inputs"]["model"] = ["20", 0]
+    wf["21"] = {"class_type": "LowBitSaveCalibration", "inputs": {"model": ["20", 0], "samples": ["10", 0],
+                                                                  "filename_prefix": "lowbit/flux2"}}
+    entry = server.run(wf, timeout=900)
+    ref = _sample(server, "klein", "flux2_klein_bf16.safetensors", te)
+    f = output_files(entry, "11", "latents")[0]
+    from safetensors.torch import load_file
+    torch.testing.assert_close(load_file(str(server.output / f["subfolder"] / f["filename"]))["latent_tensor"], ref)
+    rel_path = output_files(entry, "21", "text")[0]
+    with safe_open(str(server.output / rel_path), "pt") as fh:
+        keys = set(fh.keys())
+        vec = fh.get_tensor("block_input.0.vec")
+    assert vec.shape == (1, H)  # the raw vec, not the modulation outputs
+    assert "double_blocks.0.img_mlp.2.input_sample" in keys and not any("modulation" in k for k in keys)
+    quant = {"1": {"class_type": "LowBitQuantizeModel", "inputs": {
+        "model_name": "diffusion_models/flux2_klein_bf16.safetensors", "format": "ternary", "rank": 32,
+        "calibration": rel_path, "output_name": "flux2_klein_calibrated", "refine_steps": 10}}}
+    entry = server.run(quant, timeout=900)
+    assert "block-wise refinement (10 steps)" in " ".join(output_files(entry, "1", "text"))
+    info = checkpoint.read_info(str(server.models / "diffusion_models" / "flux2_klein_calibrated.safetensors"))
+    assert info.family.name == "flux2" and "lowbit.refine" in info.metadata
+    err = _rel(_sample(server, "klein", "flux2_klein_calibrated.safetensors", te), ref)
+    print(f"FLUX.2 klein ternary r32 calibrated in ComfyUI (one prompt, 4 steps) and refined: latent error {err:.3f}")
+    assert err < LATENT_TOL["ternary"]
