@@ -127,6 +127,13 @@ class FluxSource:
             return {n[len(prefix):]: _fetch(read, *self.plan[n]) for n in names}
 
 
+def inspect_source(path: str) -> tuple:
+    """(lowbit.model, config, family) of a 16-bit model file (one safetensors file, a shard index or a diffusers
+    folder) from its headers alone, checked as `lowbit quantize` checks it; no tensor data is read."""
+    model, _, _, config, family = _plan(_Source(str(path)))
+    return model, config, family
+
+
 def _refuse_quantized(path: str, meta: dict, keys) -> None:
     """An input that is already quantized gets one line saying so, not a list of unexpected tensors."""
     from .nunchaku import is_nunchaku

@@ -64,9 +64,9 @@ def _targets(args):
     if not os.path.exists(args.file) and not args.file.endswith((".safetensors", ".json")):
         fam, var = find_variant(args.file)
         return [(var.title, fam, var.config)]
-    from ..checkpoint.convert import _plan, _Source
+    from ..checkpoint import inspect_source
 
-    _, _, _, config, fam = _plan(_Source(args.file))
+    _, config, fam = inspect_source(args.file)
     return [(f"{os.path.basename(os.path.normpath(args.file))} ({fam.title})", fam, config)]
 
 

@@ -51,11 +51,9 @@ def test_flux2_family_rules():
 @pytest.mark.parametrize("naming", ["bfl", "diffusers"])
 @pytest.mark.parametrize("guidance", [False, True])  # [klein], [dev]
 def test_flux2_config_from_shapes(tmp_path, naming, guidance):
-    from comfyui_lowbit.checkpoint.convert import _plan, _Source
-
     path = write_tiny_flux2(tmp_path / "f2.safetensors", naming=naming, prefix="model.diffusion_model.",
                             guidance_embed=guidance)
-    model, plan, shapes, config, fam = _plan(_Source(path))
+    model, config, fam = checkpoint.inspect_source(path)
     assert model == "flux" and fam.name == "flux2" and config == {**TINY_FLUX2_CONFIG, "guidance_embed": guidance}
 
 
