@@ -257,6 +257,38 @@ def test_text_encoder_w4a16_is_comfyuis_class(comfy, te_files, name, cls, width)
     assert err < 0.3
 
 
+def test_text_encoder_lora_goes_into_the_branch(comfy, te_files):
+    """LoraLoader's clip LoRA (ComfyUI's generic text_encoders.<module> keys) on the lowbit Qwen3 encoder: each LoRA'd
+    W4A16 layer computes dequant(W) + B A, the conditioning moves, and without the LoRA it is back exactly."""
+    from comfyui_lowbit.nodes.loaders import load_lowbit_flux2_text_encoder
+    from comfyui_lowbit.nodes.ops import lowbit_modules
+
+    clip = load_lowbit_flux2_text_encoder(te_files["qwen3"][1])
+    quant = lowbit_modules(clip.cond_stage_model)
+    g = torch.Generator().manual_seed(5)
+    lora = {}
+    for name in ("qwen3_4b.transformer.model.layers.3.self_attn.q_proj", "qwen3_4b.transformer.model.layers.9.mlp.down_proj"):
+        m = quant[name]
+        lora[f"text_encoders.{name}.lora_A.weight"] = 0.05 * torch.randn(4, m.in_features, generator=g)
+        lora[f"text_encoders.{name}.lora_B.weight"] = 0.05 * torch.randn(m.out_features, 4, generator=g)
+    deq = {n: m.dequantize() for n, m in quant.items()}
+    tokens = clip.tokenize(PROMPTS[0])
+    base = clip.encode_from_tokens(tokens).float()
+    _, with_lora = comfy.sd.load_lora_for_models(None, clip, lora, 0.0, 1.0)
+    moved = with_lora.encode_from_tokens(tokens).float()
+    print(f"Qwen3 W4A16 + clip LoRA: conditioning moved by {_rel(moved, base):.3f}")
+    assert _rel(moved, base) > 0.005
+    with_lora.patcher.patch_model()
+    try:
+        for key in {k.rsplit(".lora_", 1)[0] for k in lora}:
+            name = key[len("text_encoders."):]
+            a, b = lora[key + ".lora_A.weight"], lora[key + ".lora_B.weight"]
+            assert _rel(quant[name].dequantize(), deq[name] + b @ a) < 1e-2, name
+    finally:
+        with_lora.patcher.unpatch_model()
+    torch.testing.assert_close(clip.encode_from_tokens(tokens).float(), base, rtol=0, atol=0)
+
+
 # ---- headless server: ComfyUI's stock FLUX.2 graph ----------------------------------------------------------------
 # Tiny [klein] (no guidance embedder, Qwen3) and [dev] (guidance, Mistral 3) models; 64x64 -> 4x4 latent of 128
 # channels; 4 steps of Flux2Scheduler; the reference image goes through the FLUX.2 VAE stand-in.
