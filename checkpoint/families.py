@@ -143,14 +143,14 @@ FLUX2 = Family(
               Variant("klein-4b", "FLUX.2 [klein] 4B", _flux2(3072, 5, 20, 7680, False), _F2_KLEIN.format("4B")),
               Variant("klein-9b", "FLUX.2 [klein] 9B", _flux2(4096, 8, 24, 12288, False), _F2_KLEIN.format("9B"))))
 
-T5 = Family("t5", "t5", "T5 encoder", rules=((t5._LINEAR.pattern, "w4a16"),), text_encoder=True,
+T5 = Family("t5", "t5", "T5 encoder", rules=((t5.LINEAR.pattern, "w4a16"),), text_encoder=True,
             variants=(Variant("xxl", "T5-XXL encoder", {
                 "d_ff": 10240, "d_kv": 64, "d_model": 4096, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
                 "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "model_type": "t5",
                 "relative_attention_num_buckets": 32, "layer_norm_epsilon": 1e-6},
                 "ComfyUI comfy/text_encoders/t5_config_xxl.json"),))
 
-CLIP_L = Family("clip_l", "clip_l", "CLIP-L", rules=((clip_l._LINEAR.pattern, "w4a16"),), text_encoder=True,
+CLIP_L = Family("clip_l", "clip_l", "CLIP-L", rules=((clip_l.LINEAR.pattern, "w4a16"),), text_encoder=True,
                 variants=(Variant("l", "CLIP-L", {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                                                   "vocab_size": 49408, "max_position_embeddings": 77},
                                   "ComfyUI comfy/sd1_clip_config.json"),))

@@ -18,7 +18,6 @@ DETECT_KEYS = ("img_in.weight", "double_blocks.0.img_attn.qkv.weight")
 DIFFUSERS_DETECT_KEYS = ("x_embedder.weight", "transformer_blocks.0.attn.to_q.weight")
 FLUX2_KEY = "double_stream_modulation_img.lin.weight"  # ComfyUI's FLUX.2 detection key
 FLUX2_DIFFUSERS_KEY = "double_stream_modulation_img.linear.weight"
-MOD_FORMAT = "w4a16"
 # lowbit.config keys expected_shapes reads and what each must be (checked before a file is trusted)
 CONFIG_TYPES = {"in_channels": "positive int", "context_in_dim": "positive int", "hidden_size": "positive int",
                 "num_heads": "positive int", "depth": "count", "depth_single_blocks": "count",
