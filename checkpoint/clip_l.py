@@ -11,16 +11,12 @@ CONFIG_TYPES = {}
 OPTIONAL_CONFIG = {"hidden_size": "positive int", "intermediate_size": "positive int",
                    "num_hidden_layers": "positive int", "vocab_size": "positive int"}
 
-_LINEAR = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+LINEAR = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 
 
 def is_clip_l(keys) -> bool:
     keys = set(keys)
     return all(k in keys for k in DETECT_KEYS) and not any(k in keys for k in BIGGER_CLIPS)
-
-
-def layer_format(name: str, fmt: str = FORMAT) -> str | None:
-    return fmt if _LINEAR.match(name) else None
 
 
 def infer_config(shapes: dict) -> dict:

@@ -18,15 +18,16 @@ import torch
 from safetensors import safe_open
 
 from ..quant_ops import QUANT_FORMATS, module_from_packed, quantize_weight
-from . import clip_l, flux, t5
+from . import clip_l, flux, llm, t5
 from .calibration import CalibrationFile
+from .families import DEFAULT_RANK, FAMILIES, family_of, packed_bytes
 from .errors import CheckpointError
 from .lowbit_file import META_VERSION, check_output, save_checkpoint, unreadable_error
 
 log = logging.getLogger("comfyui_lowbit")
 
 DTYPE = torch.bfloat16
-DEFAULT_RANK = {"svdq_w4a4": 32, "ternary": 64, "w4a16": 0}
+_PASSTHROUGH = ("position_ids",) + llm.PASSTHROUGH  # non-float tensors copied as they are
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
              if hasattr(torch, n))
 # ComfyUI "scaled fp8" files: per-tensor `<L>.scale_weight` multiplies `<L>.weight`; these keys are consumed
@@ -95,7 +96,7 @@ class _Source:
         except Exception as e:
             raise ValueError(f"{file}: tensor {key}: cannot read data ({e}); the file may be truncated") from None
         if not t.is_floating_point():
-            if key.endswith("position_ids"):
+            if key.endswith(_PASSTHROUGH):
                 return t
             raise ValueError(f"{file}: tensor {key} has dtype {t.dtype}, expected a float type")
         t = t.float()
@@ -115,7 +116,7 @@ class FluxSource:
 
     def __init__(self, path: str):
         self.source = _Source(str(path))
-        model, self.plan, _, self.config, _ = _plan(self.source)
+        model, self.plan, _, self.config, self.family = _plan(self.source)
         if model != "flux":
             raise ValueError(f"{path}: a {model} file, expected a FLUX transformer")
 
@@ -124,6 +125,13 @@ class FluxSource:
         names = [n for n in self.plan if n.startswith(prefix)]
         with self.source.reader() as read:
             return {n[len(prefix):]: _fetch(read, *self.plan[n]) for n in names}
+
+
+def inspect_source(path: str) -> tuple:
+    """(lowbit.model, config, family) of a 16-bit model file (one safetensors file, a shard index or a diffusers
+    folder) from its headers alone, checked as `lowbit quantize` checks it; no tensor data is read."""
+    model, _, _, config, family = _plan(_Source(str(path)))
+    return model, config, family
 
 
 def _refuse_quantized(path: str, meta: dict, keys) -> None:
@@ -165,7 +173,7 @@ def _shards(path: str) -> list:
 
 
 def _plan(src: _Source):
-    """(model, plan {out name: ([source keys], swap)}, {out name: shape}, config, fmt_of(layer, fmt))."""
+    """(model, plan {out name: ([source keys], swap)}, {out name: shape}, config, family)."""
     keys = [k for k in src.keys if not k.endswith(_SCALE_SUFFIXES + (".scale_input", ".input_scale")) and k not in _IGNORED]
     fp = flux.strip_prefix(keys)
     fkeys = [k[len(fp):] for k in keys if k.startswith(fp)]
@@ -179,7 +187,7 @@ def _plan(src: _Source):
         shapes = _out_shapes(src, plan)
         config = flux.infer_config(shapes)
         _check_shapes(src.path, shapes, flux.expected_shapes(config), ())
-        return "flux", plan, shapes, config, flux.layer_format
+        return "flux", plan, shapes, config, family_of("flux", config)
     tp = t5.strip_prefix(keys)
     tkeys = [k[len(tp):] for k in keys if k.startswith(tp)]
     if t5.is_t5(tkeys):
@@ -187,16 +195,23 @@ def _plan(src: _Source):
         shapes = _out_shapes(src, plan)
         config = t5.infer_config(shapes)
         _check_shapes(src.path, shapes, t5.expected_shapes(config), t5.OPTIONAL_KEYS)
-        return "t5", plan, shapes, config, lambda name, fmt: t5.layer_format(name)
+        return "t5", plan, shapes, config, FAMILIES["t5"]
     if clip_l.is_clip_l(keys):
         plan = {k: ([k], False) for k in keys}
         shapes = _out_shapes(src, plan)
         config = clip_l.infer_config(shapes)
         _check_shapes(src.path, shapes, clip_l.expected_shapes(config), clip_l.OPTIONAL_KEYS)
-        return "clip_l", plan, shapes, config, lambda name, fmt: clip_l.layer_format(name)
+        return "clip_l", plan, shapes, config, FAMILIES["clip_l"]
+    lp = llm.strip_prefix(keys)
+    plan = llm.source_plan(keys, lp)
+    if llm.is_llm(plan):
+        shapes = _out_shapes(src, plan)
+        config = llm.infer_config(shapes)
+        _check_shapes(src.path, shapes, llm.expected_shapes(config), llm.OPTIONAL_KEYS)
+        return "llm", plan, shapes, config, family_of("llm", config)
     raise ValueError(f"{src.path}: neither a FLUX transformer (BFL keys {flux.DETECT_KEYS} or diffusers keys "
-                     f"{flux.DIFFUSERS_DETECT_KEYS}) nor a T5 encoder (keys {t5.DETECT_KEYS}) nor CLIP-L; "
-                     f"found e.g. {sorted(keys)[:3]}")
+                     f"{flux.DIFFUSERS_DETECT_KEYS}) nor a T5 encoder (keys {t5.DETECT_KEYS}) nor CLIP-L nor a FLUX.2 "
+                     f"text encoder (keys {llm.DETECT_KEYS}); found e.g. {sorted(keys)[:3]}")
 
 
 def _out_shapes(src: _Source, plan: dict) -> dict:
@@ -257,7 +272,7 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     check_output(dst, inputs, force)
     source = _Source(src)
     try:
-        model, plan, shapes, config, fmt_of = _plan(source)
+        model, plan, shapes, config, family = _plan(source)
     except CheckpointError:
         raise
     except ValueError as e:
@@ -266,19 +281,19 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
         log.warning("%s: text encoders are quantized weight-only (w4a16), not %s", src, fmt)
     calib_stats = CalibrationFile(calib, calib_tokens)
     units = _units(plan)
-    check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, fmt_of, fmt, rank, group_size))
+    check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, family.layer_format, fmt, rank, group_size))
     out, layers, errors = {}, {}, {}
     for done, (layer, parts) in enumerate(units, 1):
         with source.reader() as read:
             tensors = {end: _fetch(read, *plan[name]) for end, name in parts.items()}
-        lfmt = fmt_of(layer, fmt) if "weight" in tensors and tensors["weight"].dim() == 2 else None
+        lfmt = family.layer_format(layer, fmt) if "weight" in tensors and tensors["weight"].dim() == 2 else None
         if lfmt is not None:
             w, b = tensors.pop("weight"), tensors.pop("bias", None)
             if tensors:
                 raise ValueError(f"{src}: layer {layer}: unexpected tensors {sorted(tensors)} next to its weight")
             try:
                 opts = {"group_size": group_size} if lfmt == "w4a16" else \
-                    {**(options or {}), **flux.layer_options(layer, lfmt)}
+                    {**(options or {}), **family.layer_options(layer, lfmt)}
                 absmax = fit = held = None
                 if lfmt != "w4a16":
                     absmax = calib_stats.absmax(layer, w.shape[1])
@@ -311,7 +326,7 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     for cfg in layers.values():
         counts[cfg["format"]] = counts.get(cfg["format"], 0) + 1
     in_bytes, out_bytes = source.size, os.path.getsize(dst)
-    return {"src": src, "dst": dst, "model": model, "config": config, "layer_counts": counts,
+    return {"src": src, "dst": dst, "model": model, "family": family.name, "config": config, "layer_counts": counts,
             "layers_total": len(units), "layers_16bit": len(units) - len(layers),
             "input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": in_bytes / max(out_bytes, 1),
             "seconds": time.time() - t0, "calib_missing": list(calib_stats.missing), "layer_errors": errors}
@@ -336,11 +351,7 @@ def _output_bytes(units, shapes, fmt_of, fmt, rank, group_size) -> int:
             total += sum(2 * math.prod(shapes[name]) for name in parts.values())
             continue
         n, k = shapes[w]
-        r = 0 if lfmt == "w4a16" else min(rank, n, k)
-        packed = {"svdq_w4a4": n * k // 2 + 2 * (k // 64) * n + 2 * k,
-                  "ternary": n * k // 4 + 2 * n,
-                  "w4a16": n * k // 2 + 4 * (k // group_size) * n}
-        total += packed.get(lfmt, 2 * n * k) + 2 * r * (n + k) + 2 * n  # a format not listed: its 16-bit size
+        total += packed_bytes(lfmt, n, k, rank, group_size, bias=True, zeros=True)
     return total
 
 

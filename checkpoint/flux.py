@@ -1,44 +1,50 @@
-"""FLUX.1 transformer layout: which layer gets which format, config from tensor shapes, and the
-diffusers (FluxTransformer2DModel) -> BFL/ComfyUI name conversion.
+"""FLUX transformer layouts (FLUX.1 and FLUX.2, one ComfyUI `Flux` class): config from tensor shapes, the
+tensors a config implies, and the diffusers (FluxTransformer2DModel / Flux2Transformer2DModel) -> BFL/ComfyUI
+name conversion. Which layer gets which format is data in checkpoint/families.py.
 
 Everything here uses BFL names without the `model.diffusion_model.` prefix (what ComfyUI's detection
-and LoRA key mapping expect).
+and LoRA key mapping expect). FLUX.2 (ComfyUI's `image_model: flux2`, comfy/model_detection.py): global
+modulation instead of per-block modulation linears, SiLU-gated MLPs (the first MLP linear is 2 x mlp wide),
+no biases, 128 latent channels at patch size 1, 4 rotary axes of 32, theta 2000.
 """
 import re
 
 HEAD_DIM = 128
 AXES_DIM = [16, 56, 56]
+FLUX2_AXES_DIM = [32, 32, 32, 32]
+FLUX2_THETA = 2000
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 DETECT_KEYS = ("img_in.weight", "double_blocks.0.img_attn.qkv.weight")
 DIFFUSERS_DETECT_KEYS = ("x_embedder.weight", "transformer_blocks.0.attn.to_q.weight")
-
-_BLOCK_LAYER = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
-                          r"|single_blocks\.\d+\.linear[12])$")
-_MOD_LAYER = re.compile(r"^(double_blocks\.\d+\.(img|txt)_mod\.lin|single_blocks\.\d+\.modulation\.lin)$")
-MOD_FORMAT = "w4a16"
+FLUX2_KEY = "double_stream_modulation_img.lin.weight"  # ComfyUI's FLUX.2 detection key
+FLUX2_DIFFUSERS_KEY = "double_stream_modulation_img.linear.weight"
 # lowbit.config keys expected_shapes reads and what each must be (checked before a file is trusted)
 CONFIG_TYPES = {"in_channels": "positive int", "context_in_dim": "positive int", "hidden_size": "positive int",
                 "num_heads": "positive int", "depth": "count", "depth_single_blocks": "count",
                 "mlp_ratio": "positive number", "qkv_bias": "bool", "guidance_embed": "bool",
                 "vec_in_dim": "positive int or null"}
-OPTIONAL_CONFIG = {"out_channels": "positive int", "axes_dim": "list", "theta": "positive number"}
+OPTIONAL_CONFIG = {"out_channels": "positive int", "axes_dim": "list", "theta": "positive number",
+                   "image_model": "str"}
+IMAGE_MODELS = ("flux", "flux2")
 
 
-def layer_format(name: str, block_fmt: str) -> str | None:
+def is_flux2(config: dict) -> bool:
+    return config.get("image_model", "flux") == "flux2"
+
+
+def layer_format(name: str, block_fmt: str, family: str = "flux1") -> str | None:
     """Format of BFL layer `name` (no `.weight`) in a checkpoint whose blocks use `block_fmt`;
-    None: stays 16-bit (embedders, final layer, norms)."""
-    if _BLOCK_LAYER.match(name):
-        return block_fmt
-    if _MOD_LAYER.match(name):
-        return MOD_FORMAT
-    return None
+    None: stays 16-bit (embedders, final layer, norms). See checkpoint/families.py."""
+    from .families import FAMILIES
+
+    return FAMILIES[family].layer_format(name, block_fmt)
 
 
-def layer_options(name: str, fmt: str) -> dict:
-    """Extra quantizer options: the second MLP linears read a GELU output (unsigned activations)."""
-    if fmt == "svdq_w4a4" and re.search(r"_mlp\.2$", name):
-        return {"act_unsigned": True}
-    return {}
+def layer_options(name: str, fmt: str, family: str = "flux1") -> dict:
+    """Extra quantizer options (FLUX.1: the second MLP linears read a GELU output, unsigned activations)."""
+    from .families import FAMILIES
+
+    return FAMILIES[family].layer_options(name, fmt)
 
 
 def strip_prefix(keys) -> str:
@@ -51,7 +57,7 @@ def strip_prefix(keys) -> str:
 
 
 def naming(keys) -> str | None:
-    """'bfl', 'diffusers' or None (not a FLUX transformer) after removing the prefix."""
+    """'bfl', 'diffusers' or None (not a FLUX transformer) after removing the prefix (FLUX.1 and FLUX.2)."""
     keys = set(keys)
     if all(k in keys for k in DETECT_KEYS):
         return "bfl"
@@ -70,7 +76,8 @@ def _count(keys, pattern: str) -> int:
 
 
 def infer_config(shapes: dict) -> dict:
-    """FLUX config from BFL tensor shapes {name: shape} (see checkpoint contract)."""
+    """FLUX config from BFL tensor shapes {name: shape} (see checkpoint contract); FLUX.2 when the global
+    modulation is there, as ComfyUI detects it."""
     def shape(k):
         if k not in shapes:
             raise ValueError(f"missing tensor {k}; not a complete FLUX transformer")
@@ -80,6 +87,8 @@ def infer_config(shapes: dict) -> dict:
     if hidden % HEAD_DIM:
         raise ValueError(f"img_in.weight: hidden size {hidden} is not a multiple of the head dim {HEAD_DIM}")
     depth = _count(shapes, r"^double_blocks\.(\d+)\.")
+    if FLUX2_KEY in shapes:
+        return _infer_flux2(shapes, shape, hidden, in_ch, depth)
     return {
         "in_channels": in_ch,
         "vec_in_dim": shape("vector_in.in_layer.weight")[1] if "vector_in.in_layer.weight" in shapes else None,
@@ -97,8 +106,32 @@ def infer_config(shapes: dict) -> dict:
     }
 
 
+def _infer_flux2(shapes, shape, hidden, in_ch, depth) -> dict:
+    # SiLU-gated MLP: the first linear is 2 x mlp wide (single blocks: 3 x hidden + 2 x mlp)
+    mlp = shape("double_blocks.0.img_mlp.0.weight")[0] / 2 if depth else \
+        (shape("single_blocks.0.linear1.weight")[0] - 3 * hidden) / 2
+    return {
+        "image_model": "flux2",
+        "in_channels": in_ch,
+        "out_channels": shape("final_layer.linear.weight")[0],
+        "vec_in_dim": None,
+        "context_in_dim": shape("txt_in.weight")[1],
+        "hidden_size": hidden,
+        "mlp_ratio": mlp / hidden,
+        "num_heads": hidden // HEAD_DIM,
+        "depth": depth,
+        "depth_single_blocks": _count(shapes, r"^single_blocks\.(\d+)\."),
+        "axes_dim": list(FLUX2_AXES_DIM),
+        "theta": FLUX2_THETA,
+        "qkv_bias": False,
+        "guidance_embed": "guidance_in.in_layer.weight" in shapes,
+    }
+
+
 def expected_shapes(config: dict) -> dict:
     """{BFL tensor name: shape} of a FLUX transformer with `config` (16-bit, before quantization)."""
+    if is_flux2(config):
+        return _expected_flux2(config)
     h = config["hidden_size"]
     mlp = int(h * config["mlp_ratio"])
     hd = h // config["num_heads"]
@@ -141,9 +174,38 @@ def expected_shapes(config: dict) -> dict:
     return out
 
 
-# ---- diffusers FluxTransformer2DModel -> BFL -------------------------------------------------------------
+def _expected_flux2(config: dict) -> dict:
+    """FLUX.2 (ComfyUI's Flux with global_modulation, mlp_silu_act, ops_bias False): no biases anywhere."""
+    h = config["hidden_size"]
+    mlp = int(h * config["mlp_ratio"])
+    hd = h // config["num_heads"]
+    out = {"img_in.weight": (h, config["in_channels"]), "txt_in.weight": (h, config["context_in_dim"])}
+    for e in ["time_in"] + (["guidance_in"] if config["guidance_embed"] else []):
+        out[f"{e}.in_layer.weight"], out[f"{e}.out_layer.weight"] = (h, 256), (h, h)
+    out["double_stream_modulation_img.lin.weight"] = (6 * h, h)
+    out["double_stream_modulation_txt.lin.weight"] = (6 * h, h)
+    out["single_stream_modulation.lin.weight"] = (3 * h, h)
+    for i in range(config["depth"]):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{i}.{s}"
+            out[f"{p}_attn.qkv.weight"], out[f"{p}_attn.proj.weight"] = (3 * h, h), (h, h)
+            out[f"{p}_mlp.0.weight"], out[f"{p}_mlp.2.weight"] = (2 * mlp, h), (h, mlp)
+            out[f"{p}_attn.norm.query_norm.scale"] = out[f"{p}_attn.norm.key_norm.scale"] = (hd,)
+    for i in range(config["depth_single_blocks"]):
+        p = f"single_blocks.{i}"
+        out[f"{p}.linear1.weight"], out[f"{p}.linear2.weight"] = (3 * h + 2 * mlp, h), (h, h + mlp)
+        out[f"{p}.norm.query_norm.scale"] = out[f"{p}.norm.key_norm.scale"] = (hd,)
+    out["final_layer.linear.weight"] = (config.get("out_channels", config["in_channels"]), h)
+    out["final_layer.adaLN_modulation.1.weight"] = (2 * h, h)
+    return out
+
+
+# ---- diffusers FluxTransformer2DModel / Flux2Transformer2DModel -> BFL ----------------------------------------
 # Each BFL tensor is built from one or more diffusers tensors concatenated along dim 0 (fused q/k/v);
 # `swap` marks diffusers' final norm, whose output halves are (scale, shift) where BFL has (shift, scale).
+# FLUX.2 names from diffusers' transformer_flux2.py (Flux2Transformer2DModel): feed-forwards `ff.linear_in` /
+# `ff.linear_out` (SwiGLU halves in BFL's order), single blocks fused `attn.to_qkv_mlp_proj` / `attn.to_out`,
+# global `*_modulation.linear`, `time_guidance_embed.*`.
 
 _DOUBLE = {
     "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
@@ -177,12 +239,36 @@ _TOP = {
 }
 FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
+_DOUBLE2 = {**{k: v for k, v in _DOUBLE.items() if "_mod." not in k and "_mlp." not in k},
+            "img_mlp.0": ["ff.linear_in"], "img_mlp.2": ["ff.linear_out"],
+            "txt_mlp.0": ["ff_context.linear_in"], "txt_mlp.2": ["ff_context.linear_out"]}
+_SINGLE2 = {"linear1": ["attn.to_qkv_mlp_proj"], "linear2": ["attn.to_out"]}
+_TOP2 = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "final_layer.linear": "proj_out",
+}
+
+
+def diffusers_tables(keys) -> tuple:
+    """(top-level, double-block, single-block) name tables for a diffusers FLUX.1 or FLUX.2 file."""
+    if FLUX2_DIFFUSERS_KEY in set(keys):
+        return _TOP2, _DOUBLE2, _SINGLE2
+    return _TOP, _DOUBLE, _SINGLE
+
 
 def diffusers_plan(keys) -> dict:
     """{BFL tensor name: (list of diffusers source keys concatenated along dim 0, swap_halves)} for the
     diffusers keys present in `keys` (unprefixed). Raises on diffusers keys it cannot place."""
     keys = set(keys)
     plan = {}
+    top, double, single = diffusers_tables(keys)
 
     def add(bfl_layer, srcs, swap=False):
         for end in ("weight", "bias"):
@@ -195,16 +281,16 @@ def diffusers_plan(keys) -> dict:
                 raise ValueError(f"{bfl_layer}.{end}: diffusers tensors {missing} are missing (needed with {present})")
             plan[f"{bfl_layer}.{end}"] = (names, swap)
 
-    for bfl, d in _TOP.items():
+    for bfl, d in top.items():
         add(bfl, [d])
     add(FINAL_MOD[0], [FINAL_MOD[1]], swap=True)
     for i in range(_count(keys, r"^transformer_blocks\.(\d+)\.")):
-        for bfl, srcs in _DOUBLE.items():
+        for bfl, srcs in double.items():
             add(f"double_blocks.{i}.{bfl}", [f"transformer_blocks.{i}.{s}" for s in srcs])
         for bfl, d in _DOUBLE_NORMS.items():
             plan[f"double_blocks.{i}.{bfl}.scale"] = ([f"transformer_blocks.{i}.{d}.weight"], False)
     for i in range(_count(keys, r"^single_transformer_blocks\.(\d+)\.")):
-        for bfl, srcs in _SINGLE.items():
+        for bfl, srcs in single.items():
             add(f"single_blocks.{i}.{bfl}", [f"single_transformer_blocks.{i}.{s}" for s in srcs])
         for bfl, d in _SINGLE_NORMS.items():
             plan[f"single_blocks.{i}.{bfl}.scale"] = ([f"single_transformer_blocks.{i}.{d}.weight"], False)
@@ -215,7 +301,7 @@ def diffusers_plan(keys) -> dict:
     unknown = sorted(keys - used)
     if unknown:
         raise ValueError(f"diffusers FLUX tensor {unknown[0]} has no BFL counterpart "
-                         f"({len(unknown)} such tensors; not a FluxTransformer2DModel file?)")
+                         f"({len(unknown)} such tensors; not a FluxTransformer2DModel / Flux2Transformer2DModel file?)")
     return plan
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from ..quant_ops import FORMAT_VERSION, FORMATS
 from .errors import CheckpointError, NotALowbitCheckpoint
+from .families import family_of
 from .validate import DTYPES, META_VERSION, MODELS, check_finite, check_tensors, parse_metadata, validate_state_dict
 
 
@@ -21,6 +22,11 @@ class CheckpointInfo:
     layers: dict            # layer name -> packed.config() (has "format")
     config: dict | None
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def family(self):
+        """The model family (checkpoint/families.py): FLUX.1 / FLUX.2 / T5 / CLIP-L / FLUX.2 text encoder."""
+        return family_of(self.model, self.config)
 
     def format_counts(self) -> dict:
         counts = {}

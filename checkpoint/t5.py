@@ -12,7 +12,7 @@ CONFIG_TYPES = {"d_ff": "positive int", "d_kv": "positive int", "d_model": "posi
                 "is_gated_act": "bool"}
 OPTIONAL_CONFIG = {"dense_act_fn": "str", "model_type": "str", "layer_norm_epsilon": "positive number"}
 
-_LINEAR = re.compile(r"^encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(wi|wi_0|wi_1|wo))$")
+LINEAR = re.compile(r"^encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(wi|wi_0|wi_1|wo))$")
 
 
 def strip_prefix(keys) -> str:
@@ -26,11 +26,6 @@ def strip_prefix(keys) -> str:
 def is_t5(keys) -> bool:
     keys = set(keys)
     return all(k in keys for k in DETECT_KEYS)
-
-
-def layer_format(name: str, fmt: str = FORMAT) -> str | None:
-    """Attention and feed-forward linears -> weight-only 4-bit; embeddings, relative bias, norms 16-bit."""
-    return fmt if _LINEAR.match(name) else None
 
 
 def infer_config(shapes: dict) -> dict:

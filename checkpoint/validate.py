@@ -9,12 +9,12 @@ from dataclasses import fields
 import torch
 
 from ..quant_ops import FORMAT_VERSION, FORMATS
-from . import clip_l, flux, t5
+from . import flux, llm
 from .errors import CheckpointError
+from .families import LAYOUTS
 
-MODELS = ("flux", "t5", "clip_l")
+MODELS = ("flux", "t5", "clip_l", "llm")
 META_VERSION = "lowbit.format_version"
-LAYOUTS = {"flux": flux, "t5": t5, "clip_l": clip_l}
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -106,6 +106,11 @@ def parse_metadata(path: str, meta: dict) -> tuple:
         if model == "flux" and config["hidden_size"] != config["num_heads"] * flux.HEAD_DIM:
             _fail(path, f"lowbit.config hidden_size {config['hidden_size']} with num_heads {config['num_heads']} is "
                         f"not FLUX's head dim {flux.HEAD_DIM}")
+        if model == "flux" and config.get("image_model", "flux") not in flux.IMAGE_MODELS:
+            _fail(path, f"lowbit.config image_model is {config['image_model']!r}, expected one of {flux.IMAGE_MODELS}")
+        if model == "llm" and config["model_type"] not in llm.MODEL_TYPES:
+            _fail(path, f"lowbit.config model_type is {config['model_type']!r}, expected one of {llm.MODEL_TYPES} "
+                        f"(ComfyUI's FLUX.2 text encoder classes)")
     return model, version, layers, config
 
 
@@ -123,7 +128,7 @@ def _logical_shapes(spec: dict, layers: dict) -> dict:
 def _model_config(path: str, model: str, config: dict | None, spec: dict, layers: dict) -> dict:
     """The metadata's config (FLUX, T5), or one inferred from the tensor shapes (CLIP-L, or no metadata config;
     a metadata config must then agree with it)."""
-    if config is not None and model in ("flux", "t5"):
+    if config is not None and model in ("flux", "t5", "llm"):
         return config
     try:
         inferred = LAYOUTS[model].infer_config(_logical_shapes(spec, layers))

@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from .args import device
-from .benchmark import LAYER_FORMATS, MODEL_FORMATS, RANK
+from .benchmark import LAYER_FORMATS, MODEL_FORMATS, MODELS, RANK, SHAPE_SETS
 
 
 def _csv(kind, allowed=None):
@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
                                    "int8 activations, each with its activation quantization and low-rank branch) "
                                    "against F.linear BF16 and row-wise FP8 (with and without its activation "
                                    "quantization), M <= 64 as CUDA-graph replays on both sides, and of one forward of "
-                                   "a FLUX.1-dev-shaped transformer (random weights) at 1024x1024. Needs a CUDA GPU "
+                                   "a FLUX.1-dev-shaped transformer (random weights) at 1024x1024; FLUX.2 [dev] / "
+                                   "[klein] 9B shapes and transformers with --shapes / --models. Needs a CUDA GPU "
                                    "unless --small.")
     p.add_argument("--small", action="store_true",
                    help="reduced shapes and model (hidden 256), a few runs: runs anywhere (CPU: reference kernels)")
@@ -39,6 +40,12 @@ def add_parser(sub) -> None:
                    help=f"layer formats (default {','.join(LAYER_FORMATS)})")
     p.add_argument("--model-formats", type=_csv(str, MODEL_FORMATS), default=list(MODEL_FORMATS), metavar="F,F,...",
                    help=f"whole-model formats (default {','.join(MODEL_FORMATS)})")
+    p.add_argument("--shapes", type=_csv(str, SHAPE_SETS), default=["flux1", "t5"], metavar="SET,SET,...",
+                   help=f"layer shape sets (default flux1,t5; of {','.join(SHAPE_SETS)}: FLUX.2 [dev], [klein] 9B "
+                        f"and FLUX.2's text encoders)")
+    p.add_argument("--models", type=_csv(str, tuple(MODELS)), default=["flux1-dev"], metavar="NAME,NAME,...",
+                   help=f"whole transformers (default flux1-dev; of {','.join(MODELS)}; flux2-dev's BF16 weights "
+                        f"are 64 GB)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per measurement, median reported (default 20; --small 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 5; --small 1)")
     p.add_argument("--rank", type=int, default=RANK, help=f"low-rank branch rank (default {RANK})")
@@ -63,7 +70,8 @@ def run(args) -> int:
 
     result = run_bench(device=args.device, small=args.small, ms=args.m, formats=args.formats,
                        model_formats=args.model_formats, warmup=args.warmup, runs=args.runs, rank=args.rank,
-                       layers=not args.no_layers, model=not args.no_model, seed=args.seed, log=log)
+                       layers=not args.no_layers, model=not args.no_model, seed=args.seed, log=log,
+                       shapes=args.shapes, models=args.models)
     if args.out:
         for path in write_results(result, args.out, force=args.force):
             log(f"wrote {path}")

@@ -1,8 +1,9 @@
 """`lowbit bench`: latency of the lowbit layers and of a whole FLUX transformer against BF16 (and FP8).
 
-Per layer: every FLUX.1-dev linear shape at several token counts M; each lowbit row times the whole
-layer as the model runs it (activation quantization + low-rank branch + GEMM). Whole model: one forward
-of a FLUX.1-dev-shaped transformer with seeded random weights at 1024x1024 (4096 + 512 tokens).
+Per layer: every linear shape of the chosen shape sets (default FLUX.1-dev and T5-XXL; FLUX.2 [dev], [klein] 9B
+and FLUX.2's text encoders on request) at several token counts M; each lowbit row times the whole layer as the
+model runs it (activation quantization + low-rank branch + GEMM). Whole model: one forward of a FLUX.1-dev-,
+FLUX.2 [klein] 9B- or FLUX.2 [dev]-shaped transformer with seeded random weights at 1024x1024 (4096 + 512 tokens).
 GPU timings use CUDA events (warm-up, then the median of `runs` runs); CPU timings use perf_counter. Layers
 at M <= GRAPH_MAX_M are timed as CUDA-graph replays on both sides (BF16 and lowbit), so kernel-launch
 overhead is not what is measured; larger M eagerly. `--small` shrinks everything so the harness runs
@@ -28,6 +29,18 @@ FLUX_DEV_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidd
                        qkv_bias=True, guidance_embed=True)
 SMALL_CONFIG = dict(FLUX_DEV_CONFIG, context_in_dim=256, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
 
+
+def _flux2(variant: str) -> dict:
+    from ..checkpoint.families import FLUX2
+
+    return dict(FLUX2.variant(variant).config)
+
+
+# whole-transformer configs (FLUX.2's from checkpoint/families.py, with their sources there)
+MODELS = {"flux1-dev": FLUX_DEV_CONFIG, "flux2-klein-9b": _flux2("klein-9b"), "flux2-dev": _flux2("dev")}
+SMALL_MODELS = {name: dict(cfg, context_in_dim=256, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
+                for name, cfg in MODELS.items()}
+
 LAYER_FORMATS = ("w4a4", "w4a16", "ternary", "ternary_int8", "w4a8f", "ternary_f8")
 MODEL_FORMATS = ("bf16", "svdq_w4a4", "ternary", "svdq_w4a4_fp8", "ternary_fp8")
 FP8_FORMATS = {"w4a8f": "w4a4", "ternary_f8": "ternary", "svdq_w4a4_fp8": "svdq_w4a4", "ternary_fp8": "ternary"}
@@ -39,6 +52,14 @@ RANK = 32
 
 T5_SHAPES = [("t5.attn", 4096, 4096, False), ("t5.ff_in", 10240, 4096, False), ("t5.ff_out", 4096, 10240, False)]
 T5_FORMATS = ("w4a16",)  # T5-XXL's linears are only ever W4A16
+# FLUX.2's text encoders (ComfyUI's Mistral3Small24BConfig / Qwen3_8BConfig), W4A16 only like T5
+FLUX2_TE_SHAPES = [("mistral.q", 4096, 5120, False), ("mistral.kv", 1024, 5120, False), ("mistral.o", 5120, 4096, False),
+                   ("mistral.gate_up", 32768, 5120, False), ("mistral.down", 5120, 32768, False),
+                   ("qwen3_8b.q", 4096, 4096, False), ("qwen3_8b.kv", 1024, 4096, False),
+                   ("qwen3_8b.gate_up", 12288, 4096, False), ("qwen3_8b.down", 4096, 12288, False)]
+TE_PREFIXES = ("t5.", "mistral.", "qwen3_8b.")
+SHAPE_SETS = ("flux1", "t5", "flux2-dev", "flux2-klein-9b", "flux2-te")
+FLUX2_PREFIX = {"flux2-dev": "f2dev.", "flux2-klein-9b": "f2k9b."}
 
 
 def layer_shapes(hidden: int = 3072, mlp_ratio: float = 4.0) -> list:
@@ -48,6 +69,37 @@ def layer_shapes(hidden: int = 3072, mlp_ratio: float = 4.0) -> list:
     return [("attn.qkv", 3 * h, h, True), ("attn.proj", h, h, True), ("mlp.0", m, h, True), ("mlp.2", h, m, True),
             ("linear1", 3 * h + m, h, True), ("linear2", h, h + m, True),
             ("mod.double", 6 * h, h, False), ("mod.single", 3 * h, h, False)]
+
+
+def flux2_layer_shapes(hidden: int, mlp_ratio: float = 3.0, prefix: str = "f2.") -> list:
+    """FLUX.2's linears: SiLU-gated MLPs (the first MLP linear and linear1's MLP part 2 x mlp wide, signed MLP
+    output inputs), the three global modulations (one token per sample) listed but left out of the means."""
+    h, m = hidden, int(hidden * mlp_ratio)
+    rows = [("attn.qkv", 3 * h, h, True), ("attn.proj", h, h, True), ("mlp.0", 2 * m, h, True), ("mlp.2", h, m, True),
+            ("linear1", 3 * h + 2 * m, h, True), ("linear2", h, h + m, True),
+            ("mod.double", 6 * h, h, False), ("mod.single", 3 * h, h, False)]
+    return [(prefix + name, n, k, block) for name, n, k, block in rows]
+
+
+def shape_set(name: str, small: bool = False) -> list:
+    """[(shape, N, K, block)] of a named set (SHAPE_SETS); --small: hidden 256, text encoders left out."""
+    cfgs = SMALL_MODELS if small else MODELS
+    if name == "flux1":
+        c = cfgs["flux1-dev"]
+        return layer_shapes(c["hidden_size"], c["mlp_ratio"])
+    if name in FLUX2_PREFIX:
+        c = cfgs[name]
+        return flux2_layer_shapes(c["hidden_size"], c["mlp_ratio"], FLUX2_PREFIX[name])
+    if name in ("t5", "flux2-te"):
+        return [] if small else (T5_SHAPES if name == "t5" else FLUX2_TE_SHAPES)
+    raise ValueError(f"unknown shape set {name!r}, expected some of {SHAPE_SETS}")
+
+
+def _set_of(shape: str) -> str:
+    for name, prefix in FLUX2_PREFIX.items():
+        if shape.startswith(prefix):
+            return name
+    return "te" if shape.startswith(TE_PREFIXES) else "flux1"
 
 
 # ---- timing -----------------------------------------------------------------------------------------------
@@ -208,7 +260,7 @@ def bench_layers(device, ms, formats, shapes, warmup, runs, rank=RANK, log=print
             except Exception as e:  # noqa: BLE001 - an unsupported torch build is reported, not fatal
                 rows.append(dict(shape=name, n=n, k=k, m=None, block=block, impl="fp8", error=repr(e)))
         for fmt in formats:
-            if name.startswith("t5.") and fmt not in T5_FORMATS:
+            if name.startswith(TE_PREFIXES) and fmt not in T5_FORMATS:
                 continue
             try:
                 layer = random_layer(fmt, n, k, rank, device, unsigned=name == "mlp.2", seed=si)
@@ -238,9 +290,9 @@ def bench_layers(device, ms, formats, shapes, warmup, runs, rank=RANK, log=print
 BASELINES = ("bf16", "fp8", "fp8_mm")
 
 
-def speedups(rows: list) -> tuple[list, dict]:
+def speedups(rows: list, shape_set: str = "flux1") -> tuple[list, dict]:
     """Adds speedup_vs_bf16 / _vs_fp8 / _vs_fp8_mm (= baseline ms / ms, > 1 is faster) to the lowbit rows and
-    returns (rows, geomean) with geomean[impl][m] over the block shapes."""
+    returns (rows, geomean) with geomean[impl][m] over the block shapes of `shape_set` (flux1, flux2-dev, ...)."""
     base = {(r["shape"], r["m"], r["impl"]): r["ms"] for r in rows if "ms" in r and r["impl"] in BASELINES}
     acc = {}
     for r in rows:
@@ -250,7 +302,7 @@ def speedups(rows: list) -> tuple[list, dict]:
             t = base.get((r["shape"], r["m"], ref))
             if t:
                 r[f"speedup_vs_{ref}"] = t / r["ms"]
-                if r["block"]:
+                if r["block"] and _set_of(r["shape"]) == shape_set:
                     acc.setdefault(r["impl"], {}).setdefault(r["m"], {}).setdefault(ref, []).append(t / r["ms"])
     geo = {impl: {str(m): {f"vs_{ref}": math.exp(sum(map(math.log, v)) / len(v)) for ref, v in d.items()}
                   for m, d in per_m.items()} for impl, per_m in acc.items()}
@@ -260,20 +312,24 @@ def speedups(rows: list) -> tuple[list, dict]:
 # ---- whole model ------------------------------------------------------------------------------------------
 
 
-def bench_model(device, config, formats, tokens_hw, txt_len, warmup, runs, rank=RANK, seed=0, log=print) -> list:
-    """One forward per format of a seeded random FLUX. Quantized models are built layer by layer (never a
-    full 16-bit copy) and quantize only the first layer of each shape, reusing its packed tensors
-    (copied) for the others: timings and memory are real, outputs are not meaningful."""
+def bench_model(device, config, formats, tokens_hw, txt_len, warmup, runs, rank=RANK, seed=0, log=print,
+                name="flux1-dev") -> list:
+    """One forward per format of a seeded random FLUX.1 or FLUX.2 (config image_model). Quantized models are built
+    layer by layer (never a full 16-bit copy) and quantize only the first layer of each shape, reusing its packed
+    tensors (copied) for the others: timings and memory are real, outputs are not meaningful."""
+    from ..checkpoint.families import family_of
     from ..flux_model import make_inputs, quantize_fn, random_flux, weight_bytes
 
+    family = family_of("flux", config).name
     rows = []
     inputs = make_inputs(config, height=tokens_hw[0], width=tokens_hw[1], txt_len=txt_len, seed=seed, device=device)
     for fmt in formats:
-        row = {"format": fmt, "tokens": tokens_hw[0] * tokens_hw[1] + txt_len}
+        row = {"format": fmt, "model": name, "tokens": tokens_hw[0] * tokens_hw[1] + txt_len}
         model = None
         try:
             t0 = time.time()
-            q = None if fmt == "bf16" else quantize_fn(FP8_FORMATS.get(fmt, fmt), rank, reuse_per_shape=True, iters=1)
+            q = None if fmt == "bf16" else quantize_fn(FP8_FORMATS.get(fmt, fmt), rank, reuse_per_shape=True,
+                                                       family=family, iters=1)
             model = random_flux(config, seed=seed, dtype=torch.bfloat16, device=device, quantize=q)
             if fmt in FP8_FORMATS:
                 use_fp8(model, device)
@@ -295,7 +351,7 @@ def bench_model(device, config, formats, tokens_hw, txt_len, warmup, runs, rank=
                 row["peak_bytes"] = None
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: reported in the table
             row["error"] = f"{type(e).__name__}: {e}"[:300]
-        log(f"  model {fmt:10s} " + (f"{row['ms']:10.2f} ms  weights {row['weight_bytes'] / 1e9:.3f} GB"
+        log(f"  {name} {fmt:10s} " + (f"{row['ms']:10.2f} ms  weights {row['weight_bytes'] / 1e9:.3f} GB"
                                      if "ms" in row else row["error"]))
         rows.append(row)
         del model
@@ -316,6 +372,27 @@ def bench_model(device, config, formats, tokens_hw, txt_len, warmup, runs, rank=
 
 def _fmt_ms(r):
     return f"{r['ms']:.4f}" if "ms" in r else "error"
+
+
+def _geomean_table(geo: dict, lowbit: list, title: str) -> list:
+    if not geo:
+        return []
+    ms = sorted({int(m) for d in geo.values() for m in d})
+    fp8 = {m: any("vs_fp8" in geo[i].get(str(m), {}) for i in geo) for m in ms}
+    lines = ["", f"## Geometric mean speedup over the {title} block shapes (modulation excluded)", "",
+             "| format | " + " | ".join(f"M={m} vs BF16" + (f" | M={m} vs FP8" if fp8[m] else "") for m in ms) + " |",
+             "|---|" + "---:|" * sum(1 + fp8[m] for m in ms)]
+    for impl in lowbit:
+        if impl not in geo:
+            continue
+        cells = []
+        for m in ms:
+            d = geo[impl].get(str(m), {})
+            cells.append(f"{d['vs_bf16']:.2f}x" if "vs_bf16" in d else "-")
+            if fp8[m]:
+                cells.append(f"{d['vs_fp8']:.2f}x" if "vs_fp8" in d else "-")
+        lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -342,32 +419,18 @@ def markdown(result: dict) -> str:
                     cell += f" ({r['speedup_vs_bf16']:.2f}x)"
                 cells.append(cell)
             lines.append(f"| {shape} | {any_row['n']} | {any_row['k']} | {m} | " + " | ".join(cells) + " |")
-        geo = result["geomean"]
-        if geo:
-            ms = sorted({int(m) for d in geo.values() for m in d})
-            lines += ["", "## Geometric mean speedup over the block shapes (modulation excluded)", "",
-                      "| format | " + " | ".join(f"M={m} vs BF16" + (f" | M={m} vs FP8" if any(
-                          "vs_fp8" in geo[i].get(str(m), {}) for i in geo) else "") for m in ms) + " |"]
-            ncols = sum(1 + any("vs_fp8" in geo[i].get(str(m), {}) for i in geo) for m in ms)
-            lines.append("|---|" + "---:|" * ncols)
-            for impl in lowbit:
-                if impl not in geo:
-                    continue
-                cells = []
-                for m in ms:
-                    d = geo[impl].get(str(m), {})
-                    cells.append(f"{d['vs_bf16']:.2f}x" if "vs_bf16" in d else "-")
-                    if any("vs_fp8" in geo[i].get(str(m), {}) for i in geo):
-                        cells.append(f"{d['vs_fp8']:.2f}x" if "vs_fp8" in d else "-")
-                lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+        for title, geo in [("FLUX.1", result["geomean"])] + [(k, v) for k, v in result.get("geomean_sets", {}).items()]:
+            lines += _geomean_table(geo, lowbit, title)
         errors = [r for r in rows if "error" in r]
         if errors:
             lines += ["", "Errors: " + "; ".join(f"{r['shape']} M={r['m']} {r['impl']}: {r['error']}" for r in errors[:8])]
-    if result["model"]:
-        lines += ["", f"## Whole transformer, one forward ({result['model'][0]['tokens']} tokens)", "",
+    for name in dict.fromkeys(r.get("model", "flux1-dev") for r in result["model"]):
+        rows = [r for r in result["model"] if r.get("model", "flux1-dev") == name]
+        lines += ["", f"## Whole transformer{'' if name == 'flux1-dev' else f' ({name})'}, one forward "
+                      f"({rows[0]['tokens']} tokens)", "",
                   "| format | ms | latency / BF16 | weights GB | weights / BF16 | peak allocated GB |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for r in result["model"]:
+        for r in rows:
             if "ms" not in r:
                 lines.append(f"| {r['format']} | error: {r['error']} | | | | |")
                 continue
@@ -402,8 +465,10 @@ def write_results(result: dict, out_dir: str, force: bool = False) -> tuple[str,
 
 
 def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_formats=MODEL_FORMATS,
-              warmup=None, runs=None, rank=RANK, layers=True, model=True, seed=0, log=print) -> dict:
-    """Run the benchmark and return the result dict (see write_results / markdown)."""
+              warmup=None, runs=None, rank=RANK, layers=True, model=True, seed=0, log=print,
+              shapes=None, models=("flux1-dev",)) -> dict:
+    """Run the benchmark and return the result dict (see write_results / markdown). shapes: the layer shape sets
+    (SHAPE_SETS; default flux1 and t5); models: the whole transformers (MODELS)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available on this machine; use --device cpu --small")
@@ -416,6 +481,13 @@ def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_fo
     for f in model_formats:
         if f not in MODEL_FORMATS:
             raise ValueError(f"unknown model format {f!r}, expected some of {MODEL_FORMATS}")
+    shapes = list(shapes or ("flux1", "t5"))
+    for name in shapes:
+        if name not in SHAPE_SETS:
+            raise ValueError(f"unknown shape set {name!r}, expected some of {SHAPE_SETS}")
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}, expected some of {tuple(MODELS)}")
     config = SMALL_CONFIG if small else FLUX_DEV_CONFIG
     ms = tuple(ms or (SMALL_MS if small else FULL_MS))
     warmup = (1 if small else 5) if warmup is None else warmup
@@ -432,6 +504,11 @@ def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_fo
              "w4a8f / ternary_f8 (models: *_fp8) = the same weights with fp8 (e4m3 per token) activations",
              "mod.* (FLUX modulation) and t5.* (T5-XXL encoder, w4a16 only; 512 tokens per prompt) rows are left out "
              "of the geometric means"]
+    if set(shapes) - {"flux1", "t5"}:
+        notes.append("f2dev.* / f2k9b.*: FLUX.2 [dev] / [klein] 9B shapes (SiLU-gated MLPs: mlp.0 and linear1 twice "
+                     "the MLP width, mlp.2 with signed activations; mod.* the three global modulations), one geometric "
+                     "mean per model; mistral.* / qwen3_8b.*: FLUX.2's text encoders (Mistral 3 24B for [dev], Qwen3 8B "
+                     "for [klein] 9B), w4a16 only, left out of the means")
     notes.append(f"M <= {GRAPH_MAX_M}: " + ("each call timed as a CUDA-graph replay, BF16 and lowbit alike (launch "
                                            "overhead excluded); larger M eagerly" if device.type == "cuda" else
                                            "eager (no CUDA graphs off CUDA)") + "; each row's 'timing' says which")
@@ -442,21 +519,30 @@ def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_fo
     else:
         notes.append("fp8: not measured (needs a CUDA GPU with sm_89 or newer)")
     result = {"version": 1, "small": small, "env": env, "config": config, "rank": rank, "notes": notes,
-              "layers": [], "geomean": {}, "model": []}
+              "layers": [], "geomean": {}, "model": [], "shape_sets": shapes}
     if layers:
         log(f"layers on {env.get('gpu') or device} (kernels: {env['backend']})")
-        shapes = layer_shapes(config["hidden_size"], config["mlp_ratio"]) + ([] if small else T5_SHAPES)
-        rows, geo = speedups(bench_layers(device, ms, formats, shapes, warmup, runs, rank, log))
-        result["layers"], result["geomean"] = rows, geo
+        rows = bench_layers(device, ms, formats, [s for name in shapes for s in shape_set(name, small)], warmup, runs,
+                            rank, log)
+        rows, result["geomean"] = speedups(rows)
+        result["layers"] = rows
+        sets = {name: speedups(rows, name)[1] for name in shapes if name in FLUX2_PREFIX}
+        if sets:
+            result["geomean_sets"] = sets
     if model:
         hw, txt = ((8, 8), 16) if small else ((64, 64), 512)
-        result["notes"].append(f"whole model: {'reduced' if small else 'FLUX.1-dev-shaped'} transformer "
-                               f"(hidden {config['hidden_size']}, {config['depth']}+{config['depth_single_blocks']} "
-                               f"blocks), seeded random weights, batch 1, {hw[0] * hw[1]} image + {txt} text tokens; "
-                               "quantized models quantize one layer per distinct shape (quick data-free fit) and "
-                               "reuse copies of its packed tensors, so outputs are not meaningful; modulation "
-                               "layers are w4a16 in quantized models")
-        log(f"whole transformer ({hw[0] * hw[1] + txt} tokens)")
-        result["model"] = bench_model(device, config, model_formats, hw, txt, warmup if small else 2,
-                                      runs, rank, seed, log)
+        cfgs = SMALL_MODELS if small else MODELS
+        result["model_configs"] = {name: cfgs[name] for name in models}
+        for name in models:
+            c = cfgs[name]
+            result["notes"].append(f"whole model {name}: {'reduced' if small else 'full-size'} transformer "
+                                   f"(hidden {c['hidden_size']}, {c['depth']}+{c['depth_single_blocks']} blocks), seeded "
+                                   f"random weights, batch 1, {hw[0] * hw[1]} image + {txt} text tokens")
+        result["notes"].append("quantized models quantize one layer per distinct shape (quick data-free fit) and "
+                               "reuse copies of its packed tensors, so outputs are not meaningful; modulation layers "
+                               "are w4a16 in quantized models")
+        for name in models:
+            log(f"whole transformer {name} ({hw[0] * hw[1] + txt} tokens)")
+            result["model"] += bench_model(device, cfgs[name], model_formats, hw, txt, warmup if small else 2,
+                                           runs, rank, seed, log, name=name)
     return result

@@ -9,16 +9,19 @@ from .args import device
 
 
 def add_parser(sub) -> None:
-    q = sub.add_parser("quantize", help="quantize a FLUX transformer or T5 encoder safetensors file",
-                       description="Quantize a 16-bit (or fp8) FLUX transformer (BFL/ComfyUI or diffusers names) "
-                                   "or T5-XXL encoder into a lowbit checkpoint.")
-    q.add_argument("input", help="input .safetensors (FLUX transformer, T5 or CLIP-L encoder), a sharded model's "
-                                 "*.safetensors.index.json, or a diffusers transformer/ folder")
+    q = sub.add_parser("quantize", help="quantize a FLUX transformer or text encoder safetensors file",
+                       description="Quantize a 16-bit (or fp8) FLUX.1 / FLUX.2 transformer (BFL/ComfyUI or diffusers "
+                                   "names) or text encoder (T5-XXL, CLIP-L, FLUX.2's Mistral 3 / Qwen3) into a lowbit "
+                                   "checkpoint; which layer gets which format is its model family's "
+                                   "(checkpoint/families.py; `lowbit inspect --plan` shows the sizes first).")
+    q.add_argument("input", help="input .safetensors (FLUX.1 / FLUX.2 transformer, T5, CLIP-L, Mistral 3 or Qwen3 "
+                                 "encoder), a sharded model's *.safetensors.index.json, or a diffusers transformer/ "
+                                 "folder")
     q.add_argument("output", help="output .safetensors (lowbit checkpoint)")
     q.add_argument("--format", required=True, choices=QUANT_FORMATS,
                    help="block format for FLUX: svdq_w4a4 (4-bit weights and activations + low-rank branch), "
                         "ternary (1.58-bit weights + low-rank branch) or w4a16 (4-bit weights only); "
-                        "modulation layers are always w4a16; T5 and CLIP-L are always w4a16")
+                        "modulation layers are always w4a16; text encoders are always w4a16")
     q.add_argument("--rank", type=int, default=None,
                    help=f"low-rank branch rank (default: {DEFAULT_RANK['svdq_w4a4']} for svdq_w4a4, "
                         f"{DEFAULT_RANK['ternary']} for ternary)")
@@ -54,8 +57,8 @@ def add_parser(sub) -> None:
     q.set_defaults(run=run_quantize)
 
 
-def gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+def gb(n: int, digits: int = 3) -> str:
+    return f"{n / 1e9:.{digits}f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def run_quantize(args) -> int:

@@ -1,5 +1,6 @@
 """Calibration of a FluxTransformer without ComfyUI (tests, scripts): every block linear's input range and row
-sample, and a few whole inputs of the first double block for block-wise refinement."""
+sample, and a few whole inputs of the first double block for block-wise refinement (FLUX.2: with the raw `vec`
+the global modulation reads, not the modulation outputs the blocks take)."""
 import torch
 
 from ..checkpoint import BLOCK_INPUT
@@ -23,11 +24,16 @@ def calibrate_flux(model, calls, tokens: int = DEFAULT_TOKENS, block_inputs: int
     items = ItemSampler(block_inputs)
     handles = rec.attach(model, lambda n: n.startswith(BLOCK_PREFIXES))
 
+    seen = {}
+
     def first_block(module, args):
         img, txt, vec, pe = args
-        items.record(block_input_item(img, txt, vec, *pe))
+        items.record(block_input_item(img, txt, seen["vec"] if getattr(model, "flux2", False) else vec, *pe))
 
     if block_inputs:
+        if getattr(model, "flux2", False):
+            handles.append(model.double_stream_modulation_img.register_forward_pre_hook(
+                lambda module, args: seen.update(vec=args[0])))
         handles.append(model.double_blocks[0].register_forward_pre_hook(first_block))
     try:
         for kw in calls:

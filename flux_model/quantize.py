@@ -1,7 +1,7 @@
-"""Whole-model quantization of a FluxTransformer by the FLUX layer mapping (checkpoint.flux.layer_format)."""
+"""Whole-model quantization of a FluxTransformer by its family's layer rules (checkpoint/families.py)."""
 from torch import nn
 
-from ..checkpoint.flux import layer_format, layer_options
+from ..checkpoint.families import FAMILIES, family_of
 from ..quant_ops import LowBitLinear, module_from_packed, quantize_linear
 
 
@@ -11,8 +11,8 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_fn(block_fmt: str, rank: int = 32, act_absmax: dict | None = None, reuse_per_shape: bool = False,
-                progress=None, **options):
-    """A `quantize(name, linear)` callable mapping FLUX layers to formats (checkpoint.flux.layer_format):
+                progress=None, family: str = "flux1", **options):
+    """A `quantize(name, linear)` callable mapping the layers of a FLUX `family` ("flux1" / "flux2") to formats:
     blocks -> block_fmt with `rank`, modulation -> w4a16, the rest stays 16-bit (returns None).
 
     reuse_per_shape: quantize only the first layer of each (format, options, shape) and give later layers
@@ -20,12 +20,13 @@ def quantize_fn(block_fmt: str, rank: int = 32, act_absmax: dict | None = None, 
     layer would dominate; the model's outputs are then meaningless. options go to quantize_linear
     (e.g. act_int8=True for ternary, iters=1 for a quick fit)."""
     cache = {}
+    fam = FAMILIES[family]
 
     def quantize(name, linear):
-        fmt = layer_format(name, block_fmt)
+        fmt = fam.layer_format(name, block_fmt)
         if fmt is None:
             return None
-        opts = {**options, **layer_options(name, fmt)}
+        opts = {**options, **fam.layer_options(name, fmt)}
         if fmt == "w4a16":
             opts = {k: v for k, v in opts.items() if k in ("group_size", "dtype", "device")}
             opts.setdefault("group_size", 64)
@@ -54,7 +55,8 @@ def quantize_flux(model: nn.Module, block_fmt: str, rank: int = 32, act_absmax: 
                   reuse_per_shape: bool = False, progress=None, **options) -> nn.Module:
     """Replace, in place, every FLUX linear that layer_format maps to a format (see quantize_fn).
     Returns the model. Layers are quantized one by one on their own device."""
-    fn = quantize_fn(block_fmt, rank, act_absmax, reuse_per_shape, progress, **options)
+    family = family_of("flux", getattr(model, "config", None)).name
+    fn = quantize_fn(block_fmt, rank, act_absmax, reuse_per_shape, progress, family=family, **options)
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear):
             q = fn(name, m)

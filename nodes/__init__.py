@@ -1,12 +1,13 @@
 """ComfyUI nodes (the only package besides the root __init__ that imports ComfyUI)."""
 from .calibrate import LowBitCalibrate, LowBitSaveCalibration
-from .loaders import LowBitDiffusionModelLoader, LowBitTextEncoderLoader
+from .loaders import LowBitDiffusionModelLoader, LowBitFlux2TextEncoderLoader, LowBitTextEncoderLoader
 from .lora_stack import LowBitLoraStack
 from .quantize import LowBitQuantizeModel
 
 NODE_CLASS_MAPPINGS = {
     "LowBitDiffusionModelLoader": LowBitDiffusionModelLoader,
     "LowBitTextEncoderLoader": LowBitTextEncoderLoader,
+    "LowBitFlux2TextEncoderLoader": LowBitFlux2TextEncoderLoader,
     "LowBitQuantizeModel": LowBitQuantizeModel,
     "LowBitCalibrate": LowBitCalibrate,
     "LowBitSaveCalibration": LowBitSaveCalibration,
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LowBitDiffusionModelLoader": "Load LowBit Diffusion Model",
     "LowBitTextEncoderLoader": "Load LowBit Text Encoders (FLUX)",
+    "LowBitFlux2TextEncoderLoader": "Load LowBit Text Encoder (FLUX.2)",
     "LowBitQuantizeModel": "LowBit Quantize Model",
     "LowBitCalibrate": "LowBit Calibrate (record activations)",
     "LowBitSaveCalibration": "LowBit Save Calibration",

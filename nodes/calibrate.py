@@ -31,11 +31,19 @@ class CalibrationStats:
         self.recorder = InputRecorder(tokens)
         self.block_inputs = ItemSampler(block_inputs)
         self.samples = 0
+        self.global_vec = None
+
+    def global_modulation_hook(self, module, args):
+        """FLUX.2: the blocks take the global modulation's outputs; the raw vec it reads is what is kept."""
+        self.global_vec = args[0] if args else None
 
     def first_block_hook(self, module, args, kwargs):
         """ComfyUI calls double_blocks[0](img=, txt=, vec=, pe=, attn_mask=, ...); pe (B, 1, L, D/2, 2, 2) holds
-        the rotations [[cos, -sin], [sin, cos]]. Calls with masks or other modulation layouts are not recorded."""
+        the rotations [[cos, -sin], [sin, cos]]. FLUX.2's `vec` is the global modulation's output: the raw vec
+        comes from global_modulation_hook. Calls with masks or other modulation layouts are not recorded."""
         img, txt, vec, pe = (kwargs.get(k) for k in ("img", "txt", "vec", "pe"))
+        if isinstance(vec, tuple):
+            vec = self.global_vec
         if not all(isinstance(t, torch.Tensor) for t in (img, txt, vec, pe)) or kwargs.get("attn_mask") is not None \
                 or pe.dim() != 6 or vec.dim() != 2:
             return
@@ -45,6 +53,8 @@ class CalibrationStats:
         dm = executor.class_obj.diffusion_model
         handles = self.recorder.attach(dm, lambda n: n.startswith(BLOCK_PREFIXES))
         if self.block_inputs.items and len(getattr(dm, "double_blocks", ())):
+            if getattr(dm, "double_stream_modulation_img", None) is not None:
+                handles.append(dm.double_stream_modulation_img.register_forward_pre_hook(self.global_modulation_hook))
             handles.append(dm.double_blocks[0].register_forward_pre_hook(self.first_block_hook, with_kwargs=True))
         try:
             out = executor(*args, **kwargs)

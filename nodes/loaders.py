@@ -1,4 +1,5 @@
-"""Loader nodes: lowbit FLUX diffusion model and FLUX text encoders (lowbit T5 and/or CLIP-L)."""
+"""Loader nodes: lowbit FLUX.1 / FLUX.2 diffusion models, FLUX.1 text encoders (lowbit T5 and/or CLIP-L) and the
+FLUX.2 text encoder (lowbit Mistral 3 / Qwen3)."""
 import logging
 import os
 
@@ -77,8 +78,9 @@ def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, bac
             raise
         info = None  # a Nunchaku INT4 FLUX file: converted in memory below
     if info is not None and info.model != "flux":
-        raise ValueError(f"{path}: a lowbit {info.model!r} checkpoint, expected a FLUX diffusion model "
-                         f"(lowbit.model = 'flux'); load text encoders with 'Load LowBit Text Encoders (FLUX)'")
+        raise ValueError(f"{path}: a lowbit {info.model!r} checkpoint ({info.family.title}), expected a FLUX diffusion "
+                         f"model (lowbit.model = 'flux'); load text encoders with 'Load LowBit Text Encoders (FLUX)' "
+                         f"(T5 / CLIP-L) or 'Load LowBit Text Encoder (FLUX.2)' (Mistral 3 / Qwen3)")
     sd, info = checkpoint.load_checkpoint(path) if info is not None else nunchaku.load_nunchaku(path)
     options = {"custom_operations": make_ops(info.layers, dtype, source=path)}
     if dtype is not None:
@@ -104,7 +106,8 @@ class LowBitDiffusionModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (folder_paths.get_filename_list("diffusion_models"),
-                           {"tooltip": "A lowbit FLUX checkpoint (4-bit SVDQuant W4A4 or 1.58-bit ternary) in models/diffusion_models."}),
+                           {"tooltip": "A lowbit FLUX.1 or FLUX.2 checkpoint (4-bit SVDQuant W4A4 or 1.58-bit ternary) in "
+                                       "models/diffusion_models."}),
             "backend": (list(kernels.BACKENDS),
                         {"default": "auto", "tooltip": "auto: Triton kernels on a GPU, the PyTorch reference on CPU. "
                                                        "reference: exact PyTorch path everywhere (slow). triton: require the "
@@ -120,7 +123,8 @@ class LowBitDiffusionModelLoader:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = "lowbit"
-    DESCRIPTION = "Loads a lowbit FLUX diffusion model as ComfyUI's own FLUX with quantized linear layers."
+    DESCRIPTION = ("Loads a lowbit FLUX.1 or FLUX.2 diffusion model as ComfyUI's own FLUX (detected from the file, as "
+                   "Load Diffusion Model does) with quantized linear layers.")
 
     def load(self, model_name, backend="auto", compute_dtype="auto", activations="auto"):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
@@ -138,6 +142,9 @@ def _read_text_encoder(path: str):
     if info.model == "flux":
         raise ValueError(f"{path}: a lowbit 'flux' checkpoint, expected a text encoder (T5 or CLIP-L); "
                          f"load FLUX models with 'Load LowBit Diffusion Model'")
+    if info.model == "llm":
+        raise ValueError(f"{path}: a lowbit FLUX.2 text encoder ({info.config.get('model_type') if info.config else '?'}), "
+                         f"not T5 / CLIP-L; load it with 'Load LowBit Text Encoder (FLUX.2)'")
     return checkpoint.load_checkpoint(path)
 
 
@@ -237,3 +244,100 @@ class LowBitTextEncoderLoader:
     def load(self, clip_name1, clip_name2, compute_dtype="auto"):
         paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
         return (load_lowbit_text_encoders(paths, DTYPES[compute_dtype]),)
+
+
+# ---- FLUX.2: one LLM text encoder ---------------------------------------------------------------------------
+# ComfyUI picks the class from the file's widths (comfy/sd.py detect_te_model); the lowbit file's config names
+# it (model_type), so a lowbit encoder builds exactly the class ComfyUI would build for its 16-bit original.
+LLM_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "final_norm", "lm_head")
+FLUX2_MISTRAL_LAYERS = 40  # fewer: ComfyUI's "pruned" FLUX.2 file
+
+
+def _flux2_clip_target(model_type: str, sd: dict, config: dict):
+    """(ClipTarget, tokenizer data, {model_type}_model_config overrides) of ComfyUI's own FLUX.2 encoder classes."""
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux as f2
+    import comfy.text_encoders.hunyuan_video
+    import comfy.text_encoders.llama as llama
+
+    detect = comfy.text_encoders.hunyuan_video.llama_detect(sd)
+    if model_type == "mistral3_24b":
+        pruned = config["num_hidden_layers"] < FLUX2_MISTRAL_LAYERS
+        target = comfy.supported_models_base.ClipTarget(f2.Flux2Tokenizer, f2.flux2_te(**detect, pruned=pruned))
+        defaults = llama.Mistral3Small24BConfig(**({"num_hidden_layers": 30, "final_norm": False} if pruned else {}))
+        tokenizer_data = {"tekken_model": sd.get("tekken_model")}
+    else:
+        tokenizer = f2.KleinTokenizer if model_type == "qwen3_4b" else f2.KleinTokenizer8B
+        target = comfy.supported_models_base.ClipTarget(tokenizer, f2.klein_te(**detect, model_type=model_type))
+        defaults = (llama.Qwen3_4BConfig if model_type == "qwen3_4b" else llama.Qwen3_8BConfig)()
+        tokenizer_data = {}
+    overrides = {k: config[k] for k in LLM_CONFIG_KEYS if getattr(defaults, k) != config[k]}
+    return target, tokenizer_data, overrides
+
+
+def load_lowbit_flux2_text_encoder(path: str, dtype: torch.dtype | None = None):
+    """A ComfyUI CLIP for FLUX.2 from a lowbit (or 16-bit) Mistral 3 / Qwen3 text encoder file: ComfyUI's own
+    classes (comfy/text_encoders/flux.py flux2_te / klein_te) built with quantized Linear layers. Encoders of other
+    sizes than the released ones (tests) get ComfyUI config overrides read from the file."""
+    from .. import checkpoint
+    from ..checkpoint import llm
+
+    try:
+        info = checkpoint.read_info(path)
+    except checkpoint.NotALowbitCheckpoint:
+        info = None
+    if info is not None and info.model != "llm":
+        raise ValueError(f"{path}: a lowbit {info.model!r} checkpoint ({info.family.title}), expected a FLUX.2 text "
+                         f"encoder (Mistral 3 / Qwen3); load "
+                         + ("FLUX models with 'Load LowBit Diffusion Model'" if info.model == "flux" else
+                            "T5 / CLIP-L with 'Load LowBit Text Encoders (FLUX)'"))
+    if info is not None:
+        sd, info = checkpoint.load_checkpoint(path)
+        layers, config = info.layers, info.config
+    else:
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+        sd = {("model.lm_head.weight" if k == "lm_head.weight" else k): v for k, v in sd.items()}
+        if not llm.is_llm(sd):
+            raise ValueError(f"{path}: not a FLUX.2 text encoder (expected {llm.DETECT_KEYS[0]} and "
+                             f"{llm.DETECT_KEYS[1]}); FLUX.1's T5 / CLIP-L go into 'Load LowBit Text Encoders (FLUX)'")
+        layers, config = {}, llm.infer_config({k: tuple(v.shape) for k, v in sd.items()})
+    model_type = config["model_type"]
+    target, tokenizer_data, overrides = _flux2_clip_target(model_type, sd, config)
+    options = {f"{model_type}_model_config": overrides} if overrides else {}
+    if layers:
+        options["custom_operations"] = make_ops(layers, dtype, source=path)
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                         parameters=comfy.utils.calculate_parameters(sd), tokenizer_data=tokenizer_data,
+                         state_dict=[sd], model_options=options)
+    n_quant = len(lowbit_modules(clip.cond_stage_model))
+    if n_quant != len(layers):
+        raise ValueError(f"{path}: lowbit.layers lists {len(layers)} quantized layers but the text encoder took "
+                         f"{n_quant}; the layer names do not match ComfyUI's {model_type}")
+    if layers:
+        clip.patcher = wrap_patcher(clip.patcher)
+    return clip
+
+
+class LowBitFlux2TextEncoderLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_name": (folder_paths.get_filename_list("text_encoders"),
+                          {"tooltip": "FLUX.2's text encoder from models/text_encoders, lowbit or 16-bit: Mistral 3 "
+                                      "Small 24B for [dev] (the full or the pruned FLUX.2 file), Qwen3 4B for [klein] "
+                                      "4B, Qwen3 8B for [klein] 9B."}),
+            "compute_dtype": (list(DTYPES), {"default": "auto",
+                              "tooltip": "16-bit dtype of the quantized layers' scales; auto keeps the text "
+                                         "encoder's dtype."}),
+        }}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "lowbit"
+    DESCRIPTION = ("Loads FLUX.2's text encoder (Mistral 3 for [dev], Qwen3 for [klein]) as ComfyUI's own class, "
+                   "from a lowbit W4A16 file or a 16-bit one; same CLIP as Load CLIP with type flux2.")
+
+    def load(self, clip_name, compute_dtype="auto"):
+        path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
+        return (load_lowbit_flux2_text_encoder(path, DTYPES[compute_dtype]),)

@@ -40,8 +40,9 @@ class LowBitQuantizeModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (_sources(), {"tooltip": "A 16-bit FLUX transformer (diffusion_models) or T5 text encoder "
-                                                   "(text_encoders) to quantize."}),
+            "model_name": (_sources(), {"tooltip": "A 16-bit FLUX.1 / FLUX.2 transformer (diffusion_models) or text "
+                                                   "encoder (text_encoders: T5, CLIP-L, FLUX.2's Mistral 3 / Qwen3) "
+                                                   "to quantize."}),
             "format": (list(FORMATS), {"default": "svdq_w4a4",
                        "tooltip": "svdq_w4a4: 4-bit weights and activations with a 16-bit low-rank branch (SVDQuant). "
                                   "ternary: 1.58-bit weights with a low-rank branch."}),

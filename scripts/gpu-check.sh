@@ -3,7 +3,8 @@
 # line (name, ok/failed/timeout/skipped, exit code, seconds) to OUT/summary.tsv as soon as it ends; a failing
 # step never stops the others, and the whole run stays under BUDGET seconds (default 470) by cutting the last
 # steps short. Results: gpu-check.log, summary.tsv, <gpu>.json (tuned configs: commit it to kernels/configs/),
-# bench.json (layers) and model.json (whole transformer) for benchmarks/, ceilings.json.
+# bench.json (layers) and model.json (whole transformer) for benchmarks/, flux2.json (FLUX.2 [dev] / [klein] 9B /
+# text-encoder layer shapes and the [klein] 9B transformer) and flux2-dev.json ([dev] transformer), ceilings.json.
 #
 #   scripts/gpu-check.sh [--dry-run] [OUT]      (OUT defaults to $OUT, then ./gpu_check_out)
 #
@@ -34,9 +35,12 @@ export TRITON_DEFAULT_FP_FUSION=1
 if [ -n "$DRY" ]; then
     export TRITON_INTERPRET=1 CEIL_DEV=cpu CEIL_SMALL=1
     TINY=--tiny BENCH="--small --runs 1 --warmup 0" BENCH_M=1,64 MODELS=bf16,svdq_w4a4 TABLES=$WORK/configs TUNE_M="1 40"
+    F2_M=1,64 F2_FORMATS=--formats=w4a4,ternary F2_MODELS=bf16,svdq_w4a4
 else
     TINY="" BENCH="" BENCH_M=1,512,4608 MODELS=bf16,svdq_w4a4,svdq_w4a4_fp8,ternary,ternary_fp8 TABLES=kernels/configs TUNE_M="1 512 4608"
+    F2_M=1,4608 F2_FORMATS="" F2_MODELS=bf16,svdq_w4a4,svdq_w4a4_fp8,ternary
 fi
+F2="$PY -m comfyui_lowbit.cli bench $BENCH --force"
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 secs=$2 left rc status t0=$SECONDS
@@ -62,11 +66,14 @@ step env 30 bash -c "nvidia-smi || true; $PY -c 'import torch, triton; print(tor
 step gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_kernels_fp8.py
 step bench-layers 150 bash -c "$PY -m comfyui_lowbit.cli bench $BENCH --m $BENCH_M --no-model --out $WORK/layers --force && cp $WORK/layers/bench.json $OUT/bench.json"
 step bench-model 180 bash -c "$PY -m comfyui_lowbit.cli bench $BENCH --no-layers --model-formats $MODELS --out $WORK/model --force && cp $WORK/model/bench.json $OUT/model.json"
+step bench-flux2 150 bash -c "$F2 --m $F2_M $F2_FORMATS --shapes flux2-dev,flux2-klein-9b,flux2-te --models flux2-klein-9b --model-formats $F2_MODELS --out $WORK/flux2 && cp $WORK/flux2/bench.json $OUT/flux2.json"
 step kernel-timings 90 $PY -m comfyui_lowbit.kernels.bench_kernels $TINY --m 1 512 4608 --shapes attn.qkv linear1 linear2
 step ceilings 120 bash -c "test -f gpu_tools/gpu-ceilings.py || { echo 'gpu_tools/gpu-ceilings.py missing: copy it from ../shared/tools and carry gpu_tools'; exit 3; }; $PY gpu_tools/gpu-ceilings.py $OUT/ceilings.json"
 step tune 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_int4 w4a4 --out $TABLES && cp $TABLES/*.json $OUT/"
 step tune-fp8 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_fp8 fp8_int4 fp8_ternary --out $TABLES && cp $TABLES/*.json $OUT/"
 step tune-weight-only 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels ternary ternary_int8 w4a16 --m $TUNE_M --out $TABLES && cp $TABLES/*.json $OUT/"
+# the 32B FLUX.2 [dev] transformer (64 GB of BF16 weights: an 80 GB H100 or an H200), last: the longest build
+step bench-flux2-dev 150 bash -c "$F2 --no-layers --models flux2-dev --model-formats $F2_MODELS --out $WORK/flux2dev && cp $WORK/flux2dev/bench.json $OUT/flux2-dev.json"
 
 rm -rf "$WORK"
 echo "=== done in $((SECONDS - START))s" >> "$LOG"

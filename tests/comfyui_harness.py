@@ -7,7 +7,8 @@ server is always killed by stop() (use it as a context manager).
 Besides this pack, a one-file test pack is written next to it with two nodes the tests need:
 LowBitTestConditioning (seeded random FLUX conditioning, for tiny models whose text width no real
 text encoder has), LowBitTestLiveModules (counts live quantized modules, for leak checks) and
-LowBitTestModules (names in the server's sys.modules containing a string, for import checks).
+LowBitTestModules (names in the server's sys.modules containing a string, for import checks). It also applies
+COMPAT (below) in the server.
 """
 import json
 import os
@@ -21,7 +22,45 @@ import uuid
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-TEST_PACK = '''
+# ComfyUI 0.29's comfy/text_encoders/flux.py load_mistral_tokenizer calls transformers' MistralConverter with
+# vocab= / additional_special_tokens= (transformers 4.x); transformers 5.x's takes a tekken file path instead, so
+# with it no FLUX.2 [dev] text encoder (16-bit or lowbit) can build its tokenizer. Test-only: fall back to the
+# file-path form there. Nothing of comfyui-lowbit depends on it.
+COMPAT = '''
+def _patch_mistral_tokenizer():
+    import inspect
+    import tempfile
+    try:
+        import comfy.text_encoders.flux as flux_te
+        from transformers.integrations.mistral import MistralConverter
+    except Exception:
+        return
+    if "vocab_file" not in inspect.signature(MistralConverter.__init__).parameters or \\
+            getattr(flux_te.load_mistral_tokenizer, "lowbit_compat", False):
+        return
+
+    def load_mistral_tokenizer(data):
+        import torch
+        if torch.is_tensor(data):
+            data = data.numpy().tobytes()
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            f.write(data)
+        return {"tokenizer_object": MistralConverter(vocab_file=f.name).converted(), "legacy": False}
+
+    load_mistral_tokenizer.lowbit_compat = True
+    flux_te.load_mistral_tokenizer = load_mistral_tokenizer
+
+
+_patch_mistral_tokenizer()
+'''
+
+
+def apply_compat() -> None:
+    """COMPAT in this process (in-process ComfyUI tests)."""
+    exec(COMPAT, {})
+
+
+TEST_PACK = COMPAT + '''
 import gc
 import torch
 

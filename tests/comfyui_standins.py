@@ -3,7 +3,9 @@ ComfyUI's own classes (so every key and shape is what ComfyUI expects) and fille
 weights. Needs ComfyUI importable (COMFYUI_PATH on sys.path, run under ComfyUI's Python).
 
 A full-size CLIP-L (the tiny FLUX's pooled input is CLIP-L's 768, and ComfyUI hard-codes the config of a
-plain CLIP-L file), the FLUX VAE with a thin decoder (32 channels) and no encoder, and BFL-key LoRAs.
+plain CLIP-L file), the FLUX VAE with a thin decoder (32 channels) and no encoder, the FLUX.2 VAE (32 latent
+channels, batch-norm over 2x2 patches -> 128 channels at 16x; ComfyUI's full-width encoder for reference images,
+a thin decoder) and BFL-key LoRAs.
 """
 import json
 import os
@@ -51,8 +53,26 @@ def vae_state_dict(seed: int = 3) -> dict:
     return {f"decoder.{k}": v.to(torch.float16) for k, v in _fill(decoder.state_dict(), seed).items()}
 
 
+def flux2_vae_state_dict(seed: int = 4) -> dict:
+    """What comfy/sd.py reads as the FLUX.2 VAE (AutoencoderKL with quant convs and batch_norm_latent: 32 latent
+    channels, batch norm over 2x2 patches -> 128 channels at 16x), built with ComfyUI's class. The encoder has
+    ComfyUI's width (ch 128, which sd.py assumes); the decoder's width is read from the file (ch 32 here)."""
+    import comfy.ldm.models.autoencoder as ae
+
+    cfg = dict(double_z=True, z_channels=32, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+               num_res_blocks=2, attn_resolutions=[], dropout=0.0, batch_norm_latent=True)
+    vae = ae.AutoencoderKL(ddconfig=cfg, embed_dim=32, decoder_ddconfig={**cfg, "ch": 32})
+    sd = {k: v for k, v in vae.state_dict().items() if not k.startswith("bn.")}
+    sd = {k: v.to(torch.float16) for k, v in _fill(sd, seed).items()}
+    sd["bn.running_mean"] = torch.zeros(128)
+    sd["bn.running_var"] = torch.ones(128)
+    sd["bn.num_batches_tracked"] = torch.tensor(0)
+    return sd
+
+
 def lora_state_dict(flux_sd: dict, seed: int, rank: int = 4, scale: float = 0.05) -> dict:
-    """A BFL-key LoRA (`diffusion_model.<layer>.lora_A/B.weight`) on every block linear of `flux_sd`."""
+    """A BFL-key LoRA (`diffusion_model.<layer>.lora_A/B.weight`, as ai-toolkit writes them) on every block linear
+    of `flux_sd` (FLUX.1 or FLUX.2)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, w in flux_sd.items():

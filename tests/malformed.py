@@ -125,6 +125,23 @@ T5_CASES = {  # on a lowbit T5 (the text encoder loader)
     "t5-nan-embedding": (_edit_tensors(_poke("shared.weight", 3, float("nan"))), ["shared.weight", "NaN"]),
     "t5-config-type": (_edit_config("d_model", "128"), ["lowbit.config", "'d_model'", "'128'"]),
 }
+GMOD = "single_stream_modulation.lin"
+FLUX2_CASES = {  # on a lowbit tiny FLUX.2 (global modulation, no biases)
+    "flux2-missing-global-mod": (_edit_tensors(lambda sd: sd.pop(f"{GMOD}.wscales")), [f"{GMOD}.wscales", "missing"]),
+    "flux2-flux1-tensor": (_edit_tensors(_set("double_blocks.0.img_mod.lin.weight", torch.zeros(1536, 256))),
+                           ["unexpected tensor double_blocks.0.img_mod.lin.weight"]),
+    "flux2-image-model": (_edit_config("image_model", "flux3"), ["lowbit.config image_model", "'flux3'"]),
+    "flux2-config-says-flux1": (_edit_config("image_model", "flux"), ["says out_features", "the flux config gives"]),
+    "flux2-nan-global-mod": (_edit_tensors(_poke("double_stream_modulation_txt.lin.wscales", 2, float("nan"))),
+                             ["double_stream_modulation_txt.lin.wscales", "NaN"]),
+}
+TE_CASES = {  # on a lowbit tiny FLUX.2 text encoder (Mistral-shaped)
+    "te-missing-embedding": (_edit_tensors(lambda sd: sd.pop("model.embed_tokens.weight")),
+                             ["model.embed_tokens.weight", "missing"]),
+    "te-model-type": (_edit_config("model_type", "gemma3_4b"), ["model_type", "'gemma3_4b'", "mistral3_24b"]),
+    "te-nan-norm": (_edit_tensors(_poke("model.layers.1.input_layernorm.weight", 3, float("nan"))),
+                    ["model.layers.1.input_layernorm.weight", "NaN"]),
+}
 ALL = sorted(FILE_CASES) + sorted(CASES)
 
 
@@ -135,7 +152,7 @@ def write_case(name: str, src, dst) -> list:
         write, expected = FILE_CASES[name]
         write(src, dst)
         return expected
-    edit, expected = {**CASES, **T5_CASES}[name]
+    edit, expected = {**CASES, **T5_CASES, **FLUX2_CASES, **TE_CASES}[name]
     sd, meta = _read(src)
     edit(sd, meta)
     save_file({k: v.contiguous() for k, v in sd.items()}, dst, metadata=meta)

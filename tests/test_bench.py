@@ -55,6 +55,27 @@ def test_markdown(bench_out):
     assert "## Whole transformer" in md and "| svdq_w4a4 |" in md and "error" not in md
 
 
+def test_flux2_rows_and_models(tmp_path):
+    """--shapes / --models: FLUX.2 [dev] and [klein] 9B layer rows (SiLU-gated widths) with one geometric mean per
+    model, FLUX.1's mean unchanged by them, and a FLUX.2-shaped whole transformer."""
+    from comfyui_lowbit.cli.benchmark import SMALL_MODELS, flux2_layer_shapes
+
+    assert cli.main(["bench", "--small", "--device", "cpu", "--out", str(tmp_path), "--shapes", "flux1,flux2-dev,flux2-klein-9b",
+                     "--models", "flux2-klein-9b", "--formats", "w4a4,ternary", "--model-formats", "bf16,svdq_w4a4",
+                     "--m", "1", "--runs", "1", "--warmup", "0"]) == 0
+    r = json.loads((tmp_path / "bench.json").read_text())
+    f2 = {(row["shape"], row["n"], row["k"]) for row in r["layers"] if row["shape"].startswith("f2k9b.")}
+    assert f2 == {s[:3] for s in flux2_layer_shapes(256, 3.0, "f2k9b.")}
+    assert ("f2k9b.mlp.0", 2 * 768, 256) in f2 and ("f2k9b.linear1", 3 * 256 + 2 * 768, 256) in f2
+    assert set(r["geomean"]) == set(r["geomean_sets"]["flux2-dev"]) == set(r["geomean_sets"]["flux2-klein-9b"]) == {"w4a4", "ternary"}
+    model = {row["format"]: row for row in r["model"]}
+    assert set(model) == {"bf16", "svdq_w4a4"} and {row["model"] for row in r["model"]} == {"flux2-klein-9b"}
+    assert "error" not in model["svdq_w4a4"] and model["svdq_w4a4"]["weight_bytes"] < model["bf16"]["weight_bytes"]
+    assert r["model_configs"]["flux2-klein-9b"] == SMALL_MODELS["flux2-klein-9b"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "over the flux2-klein-9b block shapes" in md and "## Whole transformer (flux2-klein-9b)" in md
+
+
 def test_refuses_overwrite_and_full_run_on_cpu(bench_out, capsys):
     assert cli.main(["bench", "--small", "--device", "cpu", "--out", str(bench_out), "--no-model",
                      "--m", "1", "--formats", "w4a16", "--runs", "1", "--warmup", "0"]) == 1

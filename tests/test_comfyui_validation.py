@@ -19,12 +19,15 @@ VEC = 64  # the tiny FLUX's pooled width, fed by the seeded test conditioning no
 VALID = "valid_w4a4.safetensors"
 SERVER_CASES = malformed.ALL  # every class of damage, as through the CLI (tests/test_validation.py)
 T5_CASES = sorted(malformed.T5_CASES)
+FLUX2_CASES = sorted(malformed.FLUX2_CASES)
+TE_CASES = sorted(malformed.TE_CASES)
 
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
     from comfyui_harness import ComfyServer
-    from tiny_models import write_tiny_flux, write_tiny_lowbit_t5
+    from tiny_models import (TINY_MISTRAL_CONFIG, write_tiny_flux, write_tiny_flux2, write_tiny_lowbit_llm,
+                             write_tiny_lowbit_t5)
 
     from comfyui_lowbit import checkpoint
 
@@ -40,6 +43,13 @@ def server(comfy, tmp_path_factory):
     t5 = write_tiny_lowbit_t5(te / "valid_t5.safetensors")
     for case in T5_CASES:
         srv.expected[case] = malformed.write_case(case, t5, te / f"{case}.safetensors")
+    flux2 = checkpoint.quantize_file(write_tiny_flux2(base / "tiny_flux2_bf16.safetensors"), base / "flux2.safetensors",
+                                     "svdq_w4a4", rank=16, options={"iters": 1})["dst"]
+    for case in FLUX2_CASES:
+        srv.expected[case] = malformed.write_case(case, flux2, dm / f"{case}.safetensors")
+    llm = write_tiny_lowbit_llm(base / "te.safetensors", {**TINY_MISTRAL_CONFIG, "num_hidden_layers": 2})
+    for case in TE_CASES:
+        srv.expected[case] = malformed.write_case(case, llm, te / f"{case}.safetensors")
     with srv:
         yield srv
 
@@ -80,14 +90,14 @@ def test_valid_file_samples(server):
     _valid_prompt_runs(server, 0)
 
 
-@pytest.mark.parametrize("case", SERVER_CASES)
+@pytest.mark.parametrize("case", SERVER_CASES + FLUX2_CASES)
 def test_loader_refuses_malformed_file_in_one_line(server, case):
     name = f"{case}.safetensors"
     wf = _sampling(name, 1)
     err = server.error_of(wf)
     assert err["node_type"] == "LowBitDiffusionModelLoader"
     _check_error(server, err, name, case)
-    _valid_prompt_runs(server, 100 + SERVER_CASES.index(case))
+    _valid_prompt_runs(server, 100 + (SERVER_CASES + FLUX2_CASES).index(case))
 
 
 @pytest.mark.parametrize("case", T5_CASES)
@@ -102,6 +112,18 @@ def test_text_encoder_loader_refuses_malformed_t5(server, case):
     assert err["node_type"] == "LowBitTextEncoderLoader"
     _check_error(server, err, name, case)
     _valid_prompt_runs(server, 200 + T5_CASES.index(case))
+
+
+@pytest.mark.parametrize("case", TE_CASES)
+def test_flux2_text_encoder_loader_refuses_malformed_file(server, case):
+    name = f"{case}.safetensors"
+    wf = _sampling(VALID, 3)
+    wf["2"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 0], "text": "a lighthouse"}}
+    wf["6"] = {"class_type": "LowBitFlux2TextEncoderLoader", "inputs": {"clip_name": name, "compute_dtype": "auto"}}
+    err = server.error_of(wf)
+    assert err["node_type"] == "LowBitFlux2TextEncoderLoader"
+    _check_error(server, err, name, case)
+    _valid_prompt_runs(server, 300 + TE_CASES.index(case))
 
 
 def test_node_help_pages_are_served(server):

@@ -15,11 +15,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     log = (tmp_path / "gpu-check.log").read_text()
     rows = {r["step"]: r for r in csv.DictReader(open(tmp_path / "summary.tsv"), delimiter="\t")}
-    assert list(rows) == ["env", "gpu-tests", "bench-layers", "bench-model", "kernel-timings", "ceilings", "tune",
-                          "tune-fp8", "tune-weight-only"]
+    assert list(rows) == ["env", "gpu-tests", "bench-layers", "bench-model", "bench-flux2", "kernel-timings",
+                          "ceilings", "tune", "tune-fp8", "tune-weight-only", "bench-flux2-dev"]
     if not (ROOT / "gpu_tools" / "gpu-ceilings.py").exists():  # git-ignored: absent in a fresh clone
         assert rows.pop("ceilings")["exit"] == "3" and "gpu_tools/gpu-ceilings.py missing" in log
     assert all(r["status"] == "ok" for r in rows.values()), (rows, log[-3000:])
-    for name in ("bench.json", "model.json", "cpu.json"):
+    for name in ("bench.json", "model.json", "flux2.json", "flux2-dev.json", "cpu.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert not (ROOT / "kernels" / "configs" / "cpu.json").exists()  # a dry run never writes the shipped tables

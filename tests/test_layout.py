@@ -61,8 +61,10 @@ def test_only_nodes_import_comfyui():
 
 def test_other_packages_use_the_public_entry():
     """From another package, `from ..quant_ops.linear import X` should be `from ..quant_ops import X`
-    (checkpoint's format layouts flux / t5 / clip_l / nunchaku are public submodules and count as entries)."""
-    public_submodules = {"checkpoint": {"flux", "t5", "clip_l", "nunchaku"}, "kernels": {"reference", "packing"}}
+    (checkpoint's format layouts flux / t5 / clip_l / llm / nunchaku and the model families are public submodules
+    and count as entries)."""
+    public_submodules = {"checkpoint": {"flux", "t5", "clip_l", "llm", "nunchaku", "families"},
+                         "kernels": {"reference", "packing"}}
     deep = []
     for layer, path in _package_files():
         for level, module, names in _imports(path):

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-from malformed import ALL, T5_CASES, write_case
-from tiny_models import write_tiny_flux, write_tiny_lowbit_t5
+from malformed import ALL, FLUX2_CASES, T5_CASES, TE_CASES, write_case
+from tiny_models import TINY_MISTRAL_CONFIG, write_tiny_flux, write_tiny_flux2, write_tiny_lowbit_llm, write_tiny_lowbit_t5
 
 from comfyui_lowbit import checkpoint, cli
 from comfyui_lowbit.checkpoint import convert, lowbit_file
@@ -22,7 +22,16 @@ def files(tmp_path_factory):
     src = write_tiny_flux(d / "tiny_flux.safetensors", vec_in_dim=64)
     lowbit = str(d / "tiny_w4a4.safetensors")
     checkpoint.quantize_file(src, lowbit, "svdq_w4a4", rank=16, options={"iters": 1})
-    return {"src": src, "lowbit": lowbit, "t5": write_tiny_lowbit_t5(d / "tiny_t5_w4a16.safetensors")}
+    flux2 = str(d / "tiny_flux2_w4a4.safetensors")
+    checkpoint.quantize_file(write_tiny_flux2(d / "tiny_flux2.safetensors"), flux2, "svdq_w4a4", rank=16,
+                             options={"iters": 1})
+    te = write_tiny_lowbit_llm(d / "tiny_te_w4a16.safetensors", {**TINY_MISTRAL_CONFIG, "num_hidden_layers": 2})
+    return {"src": src, "lowbit": lowbit, "t5": write_tiny_lowbit_t5(d / "tiny_t5_w4a16.safetensors"),
+            "flux2": flux2, "te": te}
+
+
+def _source(case):
+    return "t5" if case in T5_CASES else "flux2" if case in FLUX2_CASES else "te" if case in TE_CASES else "lowbit"
 
 
 def _one_line_error(capsys, argv, *expect, rc=1):
@@ -35,10 +44,10 @@ def _one_line_error(capsys, argv, *expect, rc=1):
     return err
 
 
-@pytest.mark.parametrize("case", ALL + sorted(T5_CASES))
+@pytest.mark.parametrize("case", ALL + sorted(T5_CASES) + sorted(FLUX2_CASES) + sorted(TE_CASES))
 def test_inspect_names_the_damage_in_one_line(tmp_path, files, capsys, case):
     bad = tmp_path / f"{case}.safetensors"
-    expected = write_case(case, files["t5" if case in T5_CASES else "lowbit"], bad)
+    expected = write_case(case, files[_source(case)], bad)
     _one_line_error(capsys, ["inspect", str(bad)], f"{case}.safetensors", *expected)
     with pytest.raises(checkpoint.CheckpointError):  # a plain ValueError subclass
         checkpoint.load_checkpoint(str(bad))
@@ -110,9 +119,9 @@ def test_quantize_checks_free_space_first(tmp_path, files, capsys, monkeypatch, 
 def test_output_size_estimate_is_a_close_upper_bound(tmp_path, files):
     """The free-space check's estimate against real outputs (w4a16 made here: it takes a second)."""
     w4a16 = checkpoint.quantize_file(files["src"], tmp_path / "w4a16.safetensors", "w4a16")["dst"]
-    model, plan, shapes, config, fmt_of = convert._plan(convert._Source(files["src"]))
+    model, plan, shapes, config, family = convert._plan(convert._Source(files["src"]))
     for path, fmt, rank in ((files["lowbit"], "svdq_w4a4", 16), (w4a16, "w4a16", 0)):
-        estimate = convert._output_bytes(convert._units(plan), shapes, fmt_of, fmt, rank, 64)
+        estimate = convert._output_bytes(convert._units(plan), shapes, family.layer_format, fmt, rank, 64)
         actual = os.path.getsize(path)
         assert actual <= estimate < 1.15 * actual + (1 << 20), (fmt, actual, estimate)
 

@@ -19,10 +19,12 @@ WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "workflows"
 WORKFLOWS = sorted(p.name for p in WORKFLOW_DIR.glob("*.json"))
 FILE_WIDGETS = {"LowBitDiffusionModelLoader": ("diffusion_models", [0]), "UNETLoader": ("diffusion_models", [0]),
                 "LowBitTextEncoderLoader": ("text_encoders", [0, 1]), "VAELoader": ("vae", [0]),
-                "LoraLoaderModelOnly": ("loras", [0])}
-# tiny stand-ins run at 64x64 and 2 steps; everything else is as shipped
+                "LoraLoaderModelOnly": ("loras", [0]), "LowBitFlux2TextEncoderLoader": ("text_encoders", [0])}
+# tiny stand-ins run at 64x64 and 2 steps (the reference image at 0.01 megapixels); everything else is as shipped
 FAST = {"iters": 2}  # stand-ins need working checkpoints, not the best ones
-SHRINK = {"EmptySD3LatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
+SHRINK = {"EmptySD3LatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
+          "EmptyFlux2LatentImage": {"width": 64, "height": 64}, "Flux2Scheduler": {"steps": 2, "width": 64, "height": 64},
+          "ImageScaleToTotalPixels": {"megapixels": 0.01}}
 
 
 def _load(name: str) -> dict:
@@ -37,7 +39,10 @@ def _expected_files(wf: dict) -> set:
 
 def _write_standins(models: Path):
     import comfyui_standins as st
-    from tiny_models import tiny_flux_state_dict, write_tiny_flux, write_tiny_lowbit_flux, write_tiny_lowbit_t5
+    import numpy as np
+    from PIL import Image
+    from tiny_models import (TINY_MISTRAL_CONFIG, TINY_QWEN3_CONFIG, tiny_flux_state_dict, write_tiny_flux,
+                             write_tiny_lowbit_flux, write_tiny_lowbit_flux2, write_tiny_lowbit_llm, write_tiny_lowbit_t5)
 
     dm, te = models / "diffusion_models", models / "text_encoders"
     write_tiny_flux(dm / "flux1-dev.safetensors", seed=0)
@@ -51,6 +56,14 @@ def _write_standins(models: Path):
     dev_sd = tiny_flux_state_dict(seed=0)
     st.save(st.lora_state_dict(dev_sd, seed=10), models / "loras" / "style-lora.safetensors")
     st.save(st.lora_state_dict(dev_sd, seed=11), models / "loras" / "detail-lora.safetensors")
+    # FLUX.2: [dev] (guidance) and [klein] (none) shapes, their W4A16 text encoders, the FLUX.2 VAE, a reference image
+    write_tiny_lowbit_flux2(dm / "flux2-dev-svdq-w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST, guidance_embed=True)
+    write_tiny_lowbit_flux2(dm / "flux2-klein-9b-svdq-w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST)
+    write_tiny_lowbit_llm(te / "mistral-3-small-flux2-w4a16.safetensors", TINY_MISTRAL_CONFIG)
+    write_tiny_lowbit_llm(te / "qwen3-8b-w4a16.safetensors", TINY_QWEN3_CONFIG)
+    st.save(st.flux2_vae_state_dict(), models / "vae" / "flux2-vae.safetensors")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(models.parent / "input" / "reference.png")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +125,8 @@ def test_workflow_is_documented(name):
 def test_shipped_set():
     assert set(WORKFLOWS) == {"flux1-dev-lowbit-w4a4.json", "flux1-schnell-lowbit-w4a4.json",
                               "flux1-dev-lowbit-lora.json", "flux1-dev-lowbit-ternary.json",
-                              "flux1-dev-lowbit-quantize-your-own.json"}
+                              "flux1-dev-lowbit-quantize-your-own.json", "flux2-dev-lowbit-w4a4.json",
+                              "flux2-klein-lowbit-w4a4.json", "flux2-dev-lowbit-reference.json"}
 
 
 @pytest.mark.parametrize("name", [n for n in WORKFLOWS if "quantize" not in n])
