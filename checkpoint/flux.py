@@ -80,7 +80,7 @@ def infer_config(shapes: dict) -> dict:
     if hidden % HEAD_DIM:
         raise ValueError(f"img_in.weight: hidden size {hidden} is not a multiple of the head dim {HEAD_DIM}")
     depth = _count(shapes, r"^double_blocks\.(\d+)\.")
-    return {
+    config = {
         "in_channels": in_ch,
         "vec_in_dim": shape("vector_in.in_layer.weight")[1] if "vector_in.in_layer.weight" in shapes else None,
         "context_in_dim": shape("txt_in.weight")[1],
@@ -95,6 +95,12 @@ def infer_config(shapes: dict) -> dict:
         "qkv_bias": "double_blocks.0.img_attn.qkv.bias" in shapes or "single_blocks.0.linear1.bias" in shapes,
         "guidance_embed": "guidance_in.in_layer.weight" in shapes,
     }
+    # FLUX.1 Fill / Depth / Canny read the image latent plus a conditioning latent (a wider img_in) and write
+    # the plain latent: the final layer's width is its own
+    out_ch = shape("final_layer.linear.weight")[0] if "final_layer.linear.weight" in shapes else in_ch
+    if out_ch != in_ch:
+        config["out_channels"] = out_ch
+    return config
 
 
 def expected_shapes(config: dict) -> dict:

@@ -60,7 +60,11 @@ def test_layer_format_follows_the_contract():
     assert flux.layer_options("double_blocks.0.img_mlp.2", "ternary") == {}
 
 
-@pytest.mark.parametrize("overrides", [{}, {"guidance_embed": False}, {"qkv_bias": False, "depth": 1}])
+FILL = {"in_channels": 384, "out_channels": 64}  # FLUX.1 Fill: latent + masked-image latent + packed mask in, latent out
+DEPTH = {"in_channels": 128, "out_channels": 64}  # FLUX.1 Depth / Canny: latent + control latent in
+
+
+@pytest.mark.parametrize("overrides", [{}, {"guidance_embed": False}, {"qkv_bias": False, "depth": 1}, FILL, DEPTH])
 def test_config_inferred_from_shapes(overrides):
     cfg = {**TINY_FLUX_CONFIG, **overrides}
     shapes = {k: tuple(v.shape) for k, v in tiny_flux_state_dict(**overrides).items()}
@@ -117,6 +121,24 @@ def test_input_variants_give_the_same_checkpoint(tmp_path, tiny):
     sd, info = checkpoint.load_checkpoint(checkpoint.quantize_file(fp8, tmp_path / "fp8-q.safetensors", "w4a16")["dst"])
     for name, packed in checkpoint.packed_layers(sd, info).items():
         assert _rel_err(module_from_packed(packed), sd16[f"{name}.weight"], sd16[f"{name}.bias"], name) < 0.25, name
+
+
+@pytest.mark.parametrize("variant", [FILL, DEPTH], ids=["fill", "depth"])
+def test_fill_and_depth_models_quantize(tmp_path, capsys, variant):
+    """FLUX.1 Fill / Depth / Canny (a wider img_in, the final layer as wide as the plain latent) go through
+    `lowbit quantize` from BFL and diffusers names; the file records out_channels and its shapes."""
+    bfl = write_tiny_flux(tmp_path / "bfl.safetensors", **variant)
+    diff = write_tiny_flux(tmp_path / "diff.safetensors", naming="diffusers", **variant)
+    outs = []
+    for src in (bfl, diff):
+        outs.append(str(tmp_path / f"q-{os.path.basename(src)}"))
+        assert cli.main(["quantize", src, outs[-1], "--format", "w4a16"]) == 0, capsys.readouterr().err
+    (sd, info), (sd2, _) = checkpoint.load_checkpoint(outs[0]), checkpoint.load_checkpoint(outs[1])
+    assert info.config == {**TINY_FLUX_CONFIG, **variant}
+    assert sd["img_in.weight"].shape == (256, variant["in_channels"]) and sd["final_layer.linear.weight"].shape == (64, 256)
+    assert sorted(sd) == sorted(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    w4 = checkpoint.quantize_file(bfl, tmp_path / "w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST)
+    assert w4["config"]["out_channels"] == 64 and w4["layer_counts"] == {"svdq_w4a4": 20, "w4a16": 6}
 
 
 def test_scaled_fp8_input(tmp_path):
