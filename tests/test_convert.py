@@ -358,6 +358,32 @@ def test_existing_output_needs_force(tmp_path, tiny, capsys):
     _no_output(tmp_path, "q.safetensors")
 
 
+def test_force_never_replaces_what_is_not_a_regular_file(tmp_path, tiny, capsys):
+    """--force replaces a regular file (through a link: the link's target, the link stays); a device, a FIFO or a
+    dangling link is refused before any work, in one line naming it, and stays what it was."""
+    import stat
+
+    specials = {"fifo": lambda p: os.mkfifo(p), "dangling": lambda p: os.symlink(tmp_path / "missing", p)}
+    if hasattr(os, "mknod"):
+        specials["device"] = lambda p: os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # what /dev/null is
+    for name, make in specials.items():
+        path = tmp_path / name
+        try:
+            make(path)
+        except PermissionError:  # creating device nodes needs root (CAP_MKNOD)
+            continue
+        mode = os.lstat(path).st_mode
+        _one_line_error(capsys, ["quantize", tiny, str(path), "--format", "w4a16", "--force"],
+                        name, "not a regular file", "never replaces")
+        assert os.lstat(path).st_mode == mode, name
+    target = tmp_path / "target.safetensors"
+    target.write_bytes(b"old")
+    (tmp_path / "link.safetensors").symlink_to(target)
+    assert cli.main(["quantize", tiny, str(tmp_path / "link.safetensors"), "--format", "w4a16", "--force"]) == 0
+    assert (tmp_path / "link.safetensors").is_symlink() and checkpoint.read_info(str(target)).model == "flux"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".lowbit-")]
+
+
 # max relative error of one block's output (same inputs) / the whole model's output
 BLOCK_BOUND = {"svdq_w4a4": (0.35, 0.3), "ternary": (0.7, 0.55)}
 
