@@ -103,21 +103,6 @@ LATENT_TOL = 0.25  # lowbit latent vs the 16-bit one, relative L2, where a featu
 TIMINGS = {}  # prompt label -> seconds (printed at the end of the module)
 
 
-def _vae_state_dict():
-    """FLUX's VAE layout with a full encoder (ComfyUI builds it at width 128 from the file's shapes) and a thin
-    decoder (width 32), seeded random: what InpaintModelConditioning / InstructPixToPixConditioning encode with."""
-    import comfy.ldm.modules.diffusionmodules.model as vae_model
-    from comfyui_standins import _fill
-
-    cfg = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch_mult=[1, 2, 4, 4],
-               num_res_blocks=2, attn_resolutions=[], dropout=0.0)
-    enc = vae_model.Encoder(ch=128, **cfg)
-    dec = vae_model.Decoder(ch=32, **cfg)
-    sd = {f"encoder.{k}": v for k, v in _fill(enc.state_dict(), 4).items()}
-    sd.update({f"decoder.{k}": v for k, v in _fill(dec.state_dict(), 5).items()})
-    return {k: v.to(torch.float16) for k, v in sd.items()}
-
-
 def _xlabs_controlnet_state_dict():
     """An XLabs-layout FLUX ControlNet (double blocks, controlnet_blocks, input_hint_block) for the tiny FLUX."""
     import comfy.ldm.flux.controlnet
@@ -157,7 +142,7 @@ def server(comfy, tmp_path_factory):
         sd["img_in.weight"][:, 64:] *= 4
         src = st.save(sd, dm / f"tiny_{kind}_bf16.safetensors")
         checkpoint.quantize_file(src, str(dm / f"tiny_{kind}_w4a4.safetensors"), "svdq_w4a4", rank=16, options=FAST)
-    st.save(_vae_state_dict(), srv.models / "vae" / "tiny_ae.safetensors")
+    st.save(st.vae_state_dict(), srv.models / "vae" / "tiny_ae.safetensors")
     st.save(_xlabs_controlnet_state_dict(), srv.models / "controlnet" / "tiny_xlabs_controlnet.safetensors")
     st.save(st.lora_state_dict(tiny_flux_state_dict(seed=0), seed=12, scale=0.1), srv.models / "loras" / "tiny_lora.safetensors")
     TIMINGS["models written"] = time.time() - t0
