@@ -83,11 +83,15 @@ def _kind(v) -> str:
 
 
 def _same(t, own) -> bool:
-    """`t` (another model's tensor for this key) holds exactly this layer's own tensor."""
+    """`t` (another model's tensor for this key) holds exactly this layer's own tensor. Another model's tensors
+    differ in their first row already: only that row is moved to compare them."""
     if t is own:
         return True
-    return (isinstance(t, torch.Tensor) and own is not None and t.shape == own.shape and t.dtype == own.dtype
-            and torch.equal(t.to(own.device), own))
+    if not (isinstance(t, torch.Tensor) and own is not None and t.shape == own.shape and t.dtype == own.dtype):
+        return False
+    if t.dim() and not torch.equal(t[:1].to(own.device), own[:1]):
+        return False
+    return torch.equal(t.to(own.device), own)
 
 
 def _merge_terms(path: str, module: LowBitLinear, patches: list, own_weight):
