@@ -42,6 +42,7 @@ in each `load` (and puts the host copies back in `restore_loaded_backups`). Quan
 import dataclasses
 import logging
 
+import comfy.lora
 import comfy.model_patcher
 import comfy.weight_adapter
 import torch
@@ -146,8 +147,6 @@ def _merged(path, module, weight_patches, bias_patches, other_patches):
             return "another model's weights"
     bias_delta = None
     if bias_patches:  # a 16-bit vector: ComfyUI's own arithmetic is exact on it
-        import comfy.lora
-
         own = module.bias.float()
         bias_delta = comfy.lora.calculate_weight(bias_patches, own.clone(), f"{path}.bias") - own
     return [f for f in factors if f.scale != 0.0], bias_delta
