@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .lowbit_file import unreadable_error
+from .lowbit_file import unreadable_error, write_error
 
 CALIB_VERSION = "2"
 VERSIONS = ("1", "2")
@@ -40,6 +40,8 @@ def save_calibration(path: str, tensors: dict, samples: int, tokens: int) -> str
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
+    except Exception as e:
+        raise write_error(path, os.path.dirname(os.path.abspath(path)), e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -75,6 +77,29 @@ class CalibrationFile:
         if self.version not in VERSIONS:
             raise ValueError(f"{path}: calibration version {self.version} is not supported (this version reads "
                              f"{', '.join(VERSIONS)}); update comfyui-lowbit")
+
+    def check(self, in_features: dict | None = None) -> None:
+        """Every tensor of the file, read once before any work (a quantization takes hours; a damaged file must not
+        fail it at the last layer, nor with a linear-algebra error naming no file): finite, with the shape its name
+        implies; with `in_features` ({layer: K}), as wide as the layer it is for. ValueError naming file and key."""
+        if self.path is None:
+            return
+        for key in sorted(self.keys):
+            layer, _, what = key.rpartition(".")
+            t = self._get(key)
+            if what in ("input_absmax", "input_sample"):
+                dims = 1 if what == "input_absmax" else 2
+                if t.dim() != dims or not t.is_floating_point():
+                    raise ValueError(f"{self.path}: {key} is {t.dtype} {tuple(t.shape)}, expected a {dims}-D float tensor")
+                k = (in_features or {}).get(layer)
+                if k is not None and t.shape[-1] != k:
+                    raise ValueError(f"{self.path}: {key} has {t.shape[-1]} channels, expected {k} (in_features of "
+                                     f"{layer}); the file was recorded on another model")
+            if t.is_floating_point():
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise ValueError(f"{self.path}: {key} holds {bad} NaN or infinite values; the calibration file is "
+                                     f"damaged (record it again with LowBit Calibrate)")
 
     def _get(self, key):
         with _open(self.path) as f:

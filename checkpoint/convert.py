@@ -281,6 +281,8 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
         log.warning("%s: text encoders are quantized weight-only (w4a16), not %s", src, fmt)
     calib_stats = CalibrationFile(calib, calib_tokens)
     units = _units(plan)
+    calib_stats.check({layer: shapes[parts["weight"]][1] for layer, parts in units
+                       if "weight" in parts and len(shapes[parts["weight"]]) == 2})
     check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, family.layer_format, fmt, rank, group_size))
     out, layers, errors = {}, {}, {}
     for done, (layer, parts) in enumerate(units, 1):

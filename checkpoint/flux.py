@@ -89,7 +89,7 @@ def infer_config(shapes: dict) -> dict:
     depth = _count(shapes, r"^double_blocks\.(\d+)\.")
     if FLUX2_KEY in shapes:
         return _infer_flux2(shapes, shape, hidden, in_ch, depth)
-    return {
+    config = {
         "in_channels": in_ch,
         "vec_in_dim": shape("vector_in.in_layer.weight")[1] if "vector_in.in_layer.weight" in shapes else None,
         "context_in_dim": shape("txt_in.weight")[1],
@@ -104,6 +104,12 @@ def infer_config(shapes: dict) -> dict:
         "qkv_bias": "double_blocks.0.img_attn.qkv.bias" in shapes or "single_blocks.0.linear1.bias" in shapes,
         "guidance_embed": "guidance_in.in_layer.weight" in shapes,
     }
+    # FLUX.1 Fill / Depth / Canny read the image latent plus a conditioning latent (a wider img_in) and write
+    # the plain latent: the final layer's width is its own
+    out_ch = shape("final_layer.linear.weight")[0] if "final_layer.linear.weight" in shapes else in_ch
+    if out_ch != in_ch:
+        config["out_channels"] = out_ch
+    return config
 
 
 def _infer_flux2(shapes, shape, hidden, in_ch, depth) -> dict:

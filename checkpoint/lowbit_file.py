@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 
@@ -121,6 +122,11 @@ def check_output(path: str, inputs=(), force: bool = False, needed_bytes: int = 
     out = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if os.path.isdir(out):
         raise IsADirectoryError(f"{path}: is a folder; give the output file's name (e.g. {os.path.join(path, 'model-lowbit.safetensors')})")
+    if os.path.islink(out) and os.path.isfile(out):
+        out = os.path.realpath(out)  # a link to a file: --force replaces that file and the link stays
+    if os.path.lexists(out) and not os.path.isfile(out):
+        raise FileExistsError(f"{path}: is {_file_kind(out)}, not a regular file; lowbit never replaces one (with "
+                              f"--force or not): give the output file's name")
     folder = os.path.dirname(out)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path}: the output folder {folder} does not exist")
@@ -143,30 +149,54 @@ def check_output(path: str, inputs=(), force: bool = False, needed_bytes: int = 
     return out
 
 
+def _file_kind(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a symbolic link to a missing file"
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def save_checkpoint(path: str, tensors: dict, layers: dict, model: str, config: dict | None,
                     force: bool = False, extra_meta: dict | None = None) -> str:
     """Validate (validate.py, as a reader would), then write atomically (temp file in the same folder, then
     rename); refuse to overwrite unless `force`."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    check_output(path, force=force)
+    target = check_output(path, force=force)
     validate_state_dict(path, model, layers, config, tensors)
     meta = {META_VERSION: str(FORMAT_VERSION), "lowbit.model": model, "lowbit.layers": json.dumps(layers)}
     if config is not None:
         meta["lowbit.config"] = json.dumps(config)
     meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(target)
     fd, tmp = tempfile.mkstemp(prefix=".lowbit-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: never leave the temp file behind
+        os.replace(tmp, target)
+    except BaseException as e:  # Ctrl-C included: never leave the temp file behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, Exception):
+            raise write_error(path, folder, e) from None
         raise
     return path
+
+
+def write_error(path: str, folder: str, e: Exception) -> OSError:
+    """One line naming the file a failed write was for (safetensors' own error names none, e.g. a disk that
+    fills during the write); the temp file is gone and `path` untouched."""
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if getattr(e, "errno", None) == 28 or "os error 28" in why or "No space left" in why:
+        why = f"the disk is full ({shutil.disk_usage(folder).free / 1e6:.0f} MB free in {folder})"
+    return OSError(f"{path}: writing it failed: {why}; nothing was written (an existing {os.path.basename(path)} is "
+                   f"unchanged)")
 
 
 def logical_size(sd: dict, info: CheckpointInfo) -> tuple[int, int]:

@@ -26,6 +26,7 @@ nunchaku src/Linear.cpp, src/FluxModel.cpp, src/kernels/zgemm, src/kernels/awq/g
   (1 and splits-2) carries the +1 of (1 + scale).
 """
 import json
+import logging
 import os
 
 import torch
@@ -37,6 +38,8 @@ from .lowbit_file import CheckpointInfo, check_path, unreadable_error
 from .validate import validate_state_dict
 from ..kernels.packing import unpack_int4
 from ..quant_ops import FORMAT_VERSION, W4A4Weights, W4A16Weights
+
+log = logging.getLogger("comfyui_lowbit")
 
 SUPPORTED = ("Nunchaku SVDQuant INT4 FLUX.1 single-file checkpoints (svdq-int4_r*-flux.1-*.safetensors, "
              "with 'config' and 'quantization_config' metadata)")
@@ -105,7 +108,10 @@ def check_supported(meta: dict, dtypes: dict, source: str = "checkpoint") -> Non
         qcfg = json.loads(meta["quantization_config"]) if "quantization_config" in meta else {}
     except json.JSONDecodeError as e:
         fail(f"quantization_config metadata is not JSON ({e})")
-    wdtype = (qcfg.get("weight") or {}).get("dtype", "int4")
+    weight = qcfg.get("weight") if isinstance(qcfg, dict) else None
+    if not isinstance(qcfg, dict) or not isinstance(weight or {}, dict):
+        fail(f"quantization_config metadata {meta['quantization_config'][:80]!r} is not a JSON object with a 'weight' object")
+    wdtype = (weight or {}).get("dtype", "int4")
     fp8 = [k for k, d in dtypes.items() if d.startswith("F8")]
     if wdtype != "int4" or fp8 or any(k.endswith((".wtscale", ".wcscales")) for k in dtypes):
         fail(f"an NVFP4 checkpoint (weight dtype {wdtype!r}{', FP8 scales' if fp8 else ''}); "
@@ -115,15 +121,28 @@ def check_supported(meta: dict, dtypes: dict, source: str = "checkpoint") -> Non
             fail("the transformer_blocks.safetensors half of Nunchaku's legacy folder format (no unquantized "
                  "layers); merge the folder into one file first with `python -m nunchaku.merge_safetensors`")
         fail("no FLUX transformer tensors (x_embedder.weight, transformer_blocks.N.*) found")
-    cfg = meta.get("config")
-    if cfg:
-        try:
-            cfg = json.loads(cfg)
-        except json.JSONDecodeError:
-            cfg = {}
-        name = cfg.get("_class_name", "FluxTransformer2DModel")
-        if "Flux" not in name:
-            fail(f"diffusers config _class_name {name!r} is not a FLUX transformer")
+    name = _diffusers_config(meta, source, warn=False).get("_class_name", "FluxTransformer2DModel")
+    if "Flux" not in str(name):
+        fail(f"diffusers config _class_name {name!r} is not a FLUX transformer")
+
+
+def _diffusers_config(meta: dict, source: str, warn: bool = True) -> dict:
+    """The file's `config` metadata (diffusers config JSON) as a dict; {} when absent. Unreadable, it is only a
+    cross-check (the model's shape comes from the tensors): one warning line, then ignored."""
+    text = meta.get("config")
+    if not text:
+        return {}
+    try:
+        cfg = json.loads(text)
+        why = None if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}, expected an object"
+    except json.JSONDecodeError as e:
+        why = f"not valid JSON: {e}"
+    if why is None:
+        return cfg
+    if warn:
+        log.warning("%s: its 'config' metadata is %s; ignored it (the model's shape is read from the tensors, "
+                    "so the file still loads, without that cross-check)", source, why)
+    return {}
 
 
 # ---- layout inversion -------------------------------------------------------------------------------------
@@ -359,6 +378,7 @@ def convert_state_dict(sd: dict, metadata: dict | None = None, source: str = "ch
 
 def _convert(sd: dict, metadata: dict, source: str, consume: bool):
     check_supported(metadata, {k: str(v.dtype).replace("torch.float8", "F8") for k, v in sd.items()}, source)
+    diffusers_cfg = _diffusers_config(metadata, source)  # before the work: its warning comes first
     rd = _Reader(sd, source, consume)
     tensors, layers = {}, {}
 
@@ -396,19 +416,12 @@ def _convert(sd: dict, metadata: dict, source: str, consume: bool):
     if unused:
         raise ValueError(f"{source}: {len(unused)} tensors have no FLUX counterpart, e.g. {unused[:3]}")
     config = flux.infer_config({k: tuple(v.shape) for k, v in tensors.items()})
-    out_ch = tensors["final_layer.linear.weight"].shape[0] if "final_layer.linear.weight" in tensors else None
-    if out_ch is not None and out_ch != config["in_channels"]:  # FLUX.1 Fill / Depth / Canny: wider img_in
-        config["out_channels"] = out_ch
-    _check_config(config, metadata, source)
+    _check_config(config, diffusers_cfg, source)
     validate_state_dict(source, "flux", layers, config, tensors)
     return tensors, layers, config
 
 
-def _check_config(config: dict, metadata: dict, source: str) -> None:
-    try:
-        cfg = json.loads(metadata.get("config") or "{}")
-    except json.JSONDecodeError:
-        return
+def _check_config(config: dict, cfg: dict, source: str) -> None:
     expect = {"depth": cfg.get("num_layers"), "depth_single_blocks": cfg.get("num_single_layers"),
               "guidance_embed": cfg.get("guidance_embeds"), "in_channels": cfg.get("in_channels")}
     bad = {k: (v, config[k]) for k, v in expect.items() if v is not None and v != config[k]}

@@ -66,6 +66,13 @@ def _one_line(e: BaseException) -> str:
 def main(argv=None) -> int:
     """Every error is one line on stderr: bad input exits 1, Ctrl-C 130, usage errors 2 (LOWBIT_DEBUG=1 lets
     unexpected errors through with their traceback)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the subcommands import torch (the first second or two)
+        return _interrupted("lowbit")
+
+
+def _main(argv) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)

@@ -55,15 +55,48 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+def check_args(args) -> None:
+    """Everything the run would only find out at its end (or measure as nothing), refused before it starts."""
     import os
 
+    if args.no_layers and args.no_model:
+        raise ValueError("--no-layers and --no-model together leave nothing to measure; drop one of them")
+    for flag, values, what in (("--m", args.m, "token counts"), ("--formats", args.formats, "layer formats"),
+                               ("--model-formats", args.model_formats, "model formats")):
+        if values is not None and not values:
+            raise ValueError(f"{flag}: empty; give one or more comma-separated {what}")
+    bad = [m for m in args.m or () if m < 1]
+    if bad:
+        raise ValueError(f"--m: token counts must be >= 1, got {bad[0]}")
+    if args.rank < 0:
+        raise ValueError(f"--rank must be >= 0 (0: no low-rank branch), got {args.rank}")
+    if args.runs is not None and args.runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if not args.out:
+        return
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"--out {args.out}: is a file, expected a folder (bench.json and bench.md go in it)")
+    for name in ("bench.json", "bench.md"):
+        path = os.path.join(args.out, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise FileExistsError(f"{path}: exists and is not a regular file; choose another --out folder")
+        if os.path.exists(path) and not args.force:
+            raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"--out {args.out}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {args.out}: cannot write to {parent}")
+
+
+def run(args) -> int:
     from .benchmark import markdown, run_bench, write_results
 
-    if args.out and not args.force:  # fail before a long run, not after it
-        for name in ("bench.json", "bench.md"):
-            if os.path.exists(os.path.join(args.out, name)):
-                raise FileExistsError(f"{os.path.join(args.out, name)} exists; pass --force to overwrite it")
+    check_args(args)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -16,7 +16,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import logging
+
     from ..checkpoint import check_output, convert_state_dict, read_nunchaku, save_checkpoint
+
+    logging.basicConfig(format="lowbit convert-nunchaku: warning: %(message)s", level=logging.WARNING)
 
     size = os.path.getsize(args.input) if os.path.isfile(args.input) else 0
     # fail before the (long) read; the output is about the input's size (the fused single-block branches a bit more)

@@ -263,7 +263,7 @@ def add_parser(sub) -> None:
     p.add_argument("--comfyui", metavar="PATH", default=None,
                    help="also run a shipped workflow headless through the ComfyUI checkout at PATH, on tiny "
                         "stand-in models (needs the pack's tests/ folder, pytest and ComfyUI's requirements)")
-    p.add_argument("--workflow", default=DEFAULT_WORKFLOW, help=f"workflow for --comfyui (default {DEFAULT_WORKFLOW})")
+    p.add_argument("--workflow", default=None, help=f"workflow for --comfyui (default {DEFAULT_WORKFLOW})")
     p.add_argument("--comfyui-python", default=None,
                    help="Python with ComfyUI's requirements and pytest (default: PATH's venv, .venv or python_embeded, "
                         "else this one)")
@@ -277,6 +277,11 @@ def run(args) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    given = [flag for flag, v in (("--workflow", args.workflow), ("--comfyui-python", args.comfyui_python)) if v]
+    if given and not args.comfyui:
+        raise ValueError(f"{' and '.join(given)} only choose{'s' if len(given) == 1 else ''} what the headless ComfyUI "
+                         f"run uses; add --comfyui PATH (the ComfyUI checkout to run it with), or drop {given[0]}")
+    args.workflow = args.workflow or DEFAULT_WORKFLOW
     if args.comfyui:  # before the table, which takes a while: a wrong path or Python fails now
         args.comfyui, args.comfyui_python = check_headless(args.comfyui, args.workflow, args.comfyui_python)
     result = run_demo(tiny=args.tiny, device=args.device, seed=args.seed, runs=args.runs, log=log,

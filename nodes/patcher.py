@@ -21,7 +21,11 @@ How it fits ComfyUI's patcher:
   lazy saving) never casts or merges a quantized layer's tensors; `unpatch_model` puts back the exact
   original branch / bias tensors. Clones (also `clone(disable_dynamic=True)`) keep the behaviour.
 Not routed (skipped with one warning line): DoRA, LoCon mid, LoHa / LoKr / full diffs and hook
-(scheduled) LoRAs on quantized layers; they still apply to 16-bit layers. LoRA keys that match no
+(scheduled) LoRAs on quantized layers; they still apply to 16-bit layers.
+Model merges (ModelMergeSimple & co. patch every key with the other model's tensors): a quantized layer holds its
+own weight plus LoRAs, so a merge with the same model (same tensors) is exact (its LoRAs reweighted by the
+merge, e.g. model + (model + LoRA) at 0.5 = the LoRA at 0.5); a merge with different weights leaves every quantized
+layer as it is, says so in one warning line, and merges the 16-bit layers only. LoRA keys that match no
 layer are ComfyUI's to report (one line per key; LowBitLoraStack reports them in one line).
 
 ModelPatcherDynamic (DynamicVRAM, ComfyUI's default on NVIDIA with comfy-aimdo) streams the weights of castable
@@ -34,8 +38,10 @@ no streamed tensor: their VBAR copies stay valid (`restore_residency`) and nothi
 Without comfy-kitchen's QuantizedTensor (ComfyUI logs that it failed to import) quantized layers stay out of
 the load list and resident, as in releases before streaming.
 """
+import dataclasses
 import logging
 
+import comfy.lora
 import comfy.model_patcher
 import comfy.weight_adapter
 import torch
@@ -77,11 +83,89 @@ def _kind(v) -> str:
     return v[0] if isinstance(v, tuple) and len(v) == 2 else "diff"
 
 
-def lora_plan(path: str, module: LowBitLinear, weight_patches: list, bias_patches: list):
-    """(LoRA factors, bias delta or None, skipped descriptions) for one quantized layer from ComfyUI patches.
+def _same(t, own) -> bool:
+    """`t` (another model's tensor for this key) holds exactly this layer's own tensor. Another model's tensors
+    differ in their first row already: only that row is moved to compare them."""
+    if t is own:
+        return True
+    if not (isinstance(t, torch.Tensor) and own is not None and t.shape == own.shape and t.dtype == own.dtype):
+        return False
+    if t.dim() and not torch.equal(t[:1].to(own.device), own[:1]):
+        return False
+    return torch.equal(t.to(own.device), own)
+
+
+def _merge_terms(path: str, module: LowBitLinear, patches: list, own_weight):
+    """A quantized layer's patches as c * (its own weight) + LoRA factors, following ComfyUI's calculate_weight
+    (each patch first scales what came before by its strength_model, then adds strength x its value): (c, factors),
+    or a reason string where the patches hold something else (another model's weights, a diff, ...)."""
+    n, k = module.out_features, module.in_features
+    key = f"{path}.weight"
+    c, factors = 1.0, []
+    for strength, v, strength_model, offset, function in patches:
+        if strength_model != 1.0:
+            c *= strength_model
+            factors = [dataclasses.replace(f, scale=f.scale * strength_model) for f in factors]
+        kind = _kind(v)
+        if kind == "merge" and offset is None and function is None:
+            if strength == 0.0:
+                continue
+            if not _same(v[0][0], own_weight):
+                return "another model's weights"
+            sub = _merge_terms(path, module, v[1:], own_weight)
+            if isinstance(sub, str):
+                return sub
+            c += strength * sub[0]
+            factors += [dataclasses.replace(f, scale=f.scale * strength) for f in sub[1]]
+        elif kind == "lora" and function is None and all(t is None for t in v.weights[3:6]):
+            up, down, alpha = v.weights[:3]
+            out_off, in_off = _offsets(offset)
+            f = LoraFactor.from_alpha(up.flatten(1), down.flatten(1), alpha, strength, out_offset=out_off,
+                                      in_offset=in_off, name=f"{key}{'' if offset is None else f' offset {tuple(offset)}'}")
+            check_factor(f, n, k, layer=path)
+            factors.append(f)
+        else:
+            return f"a {kind} patch"
+    return c, factors
+
+
+def _merged(path, module, weight_patches, bias_patches, other_patches):
+    """(factors, bias delta) when the patches of a quantized layer include a model merge that its format can hold:
+    the other model's layer is this very layer (same tensors: the same model with other LoRAs), so the merge
+    reweights LoRAs and leaves the packed weight as it is. Else a reason string (not merged); None: no merge."""
+    if not any(_kind(p[1]) == "merge" for p in weight_patches + bias_patches):
+        return None
+    terms = _merge_terms(path, module, weight_patches, module.weight)
+    if isinstance(terms, str):
+        return terms
+    c, factors = terms
+    if abs(c - 1.0) > 1e-6:
+        return f"a weighted sum with coefficient {c:g} on its own weight"
+    for name, patches in (other_patches or {}).items():  # scales, smoothing, branch: must be this layer's too
+        own = getattr(module, name, None)
+        if any(_kind(p[1]) != "merge" or (p[0] != 0.0 and not _same(p[1][0][0], own)) for p in patches):
+            return "another model's weights"
+    bias_delta = None
+    if bias_patches:  # a 16-bit vector: ComfyUI's own arithmetic is exact on it
+        own = module.bias.float()
+        bias_delta = comfy.lora.calculate_weight(bias_patches, own.clone(), f"{path}.bias") - own
+    return [f for f in factors if f.scale != 0.0], bias_delta
+
+
+def lora_plan(path: str, module: LowBitLinear, weight_patches: list, bias_patches: list, other_patches=None):
+    """(LoRA factors, bias delta or None, skipped descriptions, merge not applied: reason or None) for one quantized
+    layer from ComfyUI patches; other_patches {tensor name: patches} are those on its other tensors (a model merge
+    patches every one).
 
     Raises ValueError naming the key and both shapes when a LoRA does not fit the layer.
     """
+    merged = _merged(path, module, weight_patches, bias_patches, other_patches)
+    if isinstance(merged, tuple):
+        return (*merged, [], None)
+    merge_not_applied = merged
+    if merged is not None:  # not representable: the merge is left out, the LoRAs still go in
+        weight_patches = [p for p in weight_patches if _kind(p[1]) != "merge"]
+        bias_patches = [p for p in bias_patches if _kind(p[1]) != "merge"]
     n, k = module.out_features, module.in_features
     factors, skipped, bias_delta = [], [], None
     for strength, v, strength_model, offset, function in weight_patches:
@@ -115,7 +199,7 @@ def lora_plan(path: str, module: LowBitLinear, weight_patches: list, bias_patche
             bias_delta[start:start + length] += strength * diff
         else:
             skipped.append(f"{key} (bias {type(v).__name__})")
-    return factors, bias_delta, skipped
+    return factors, bias_delta, skipped, merge_not_applied
 
 
 class LowBitPatcherMixin:
@@ -126,13 +210,18 @@ class LowBitPatcherMixin:
     def lowbit_apply_patches(self):
         """Set every quantized layer's branch to its original plus its current LoRA patches (streamed layers: their
         LoRA columns, on the load device); the count."""
-        plans, skipped = [], []
+        plans, skipped, not_merged = [], [], {}
         for path, m in lowbit_layers(self.model).items():
             wp = self.patches.get(f"{path}.weight", [])
             bp = self.patches.get(f"{path}.bias", [])
-            if wp or bp:
-                factors, bias_delta, skip = lora_plan(path, m, wp, bp)  # validates every layer before changing any
+            other = {name: self.patches[f"{path}.{name}"] for name, _ in m.named_buffers(recurse=False)
+                     if name not in ("weight", "bias") and f"{path}.{name}" in self.patches}
+            if wp or bp or other:
+                # validates every layer before changing any
+                factors, bias_delta, skip, merge = lora_plan(path, m, wp, bp, other)
                 skipped += skip
+                if merge is not None:
+                    not_merged.setdefault(merge, []).append(path)
                 plans.append((path, m, factors, bias_delta))
         done, extra = 0, 0
         try:
@@ -150,6 +239,15 @@ class LowBitPatcherMixin:
         if skipped:
             log.warning("lowbit: %d LoRA patches on quantized layers cannot go into the low-rank branch and were "
                         "skipped: %s%s", len(skipped), ", ".join(skipped[:4]), ", ..." if len(skipped) > 4 else "")
+        if not_merged and getattr(self, "_lowbit_merge_warned", None) != self.patches_uuid:
+            self._lowbit_merge_warned = self.patches_uuid  # once per set of patches, not at every load
+            n = sum(len(v) for v in not_merged.values())
+            why, paths = max(not_merged.items(), key=lambda kv: len(kv[1]))
+            log.warning("lowbit: model merge: %d quantized layers (e.g. %s: %s) were not merged and keep this model's "
+                        "weights; a 4-bit / ternary layer cannot hold a weighted sum of different weights without "
+                        "quantizing again, so the merge changed only the 16-bit layers (embedders, norms, final layer). "
+                        "Merge the 16-bit models and quantize the result instead (merging a lowbit model with itself "
+                        "plus LoRAs works)", n, paths[0], why)
         return done
 
     def lowbit_restore(self):

@@ -3,9 +3,9 @@ ComfyUI's own classes (so every key and shape is what ComfyUI expects) and fille
 weights. Needs ComfyUI importable (COMFYUI_PATH on sys.path, run under ComfyUI's Python).
 
 A full-size CLIP-L (the tiny FLUX's pooled input is CLIP-L's 768, and ComfyUI hard-codes the config of a
-plain CLIP-L file), the FLUX VAE with a thin decoder (32 channels) and no encoder, the FLUX.2 VAE (32 latent
-channels, batch-norm over 2x2 patches -> 128 channels at 16x; ComfyUI's full-width encoder for reference images,
-a thin decoder) and BFL-key LoRAs.
+plain CLIP-L file), the FLUX VAE with a thin decoder (32 channels), the FLUX.2 VAE (32 latent channels, batch-norm
+over 2x2 patches -> 128 channels at 16x; ComfyUI's full-width encoder for reference images, a thin decoder),
+BFL-key LoRAs and input images.
 """
 import json
 import os
@@ -46,11 +46,33 @@ def clip_l_state_dict(seed: int = 2) -> dict:
 
 
 def vae_state_dict(seed: int = 3) -> dict:
+    """FLUX's VAE layout: the encoder as ComfyUI builds it for a FLUX VAE file (width 128: VAEEncode,
+    InpaintModelConditioning, Kontext references) and a thin decoder (width 32, which ComfyUI reads from its shapes)."""
     import comfy.ldm.modules.diffusionmodules.model as vae_model
 
-    decoder = vae_model.Decoder(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=32,
-                                ch_mult=[1, 2, 4, 4], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    return {f"decoder.{k}": v.to(torch.float16) for k, v in _fill(decoder.state_dict(), seed).items()}
+    cfg = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch_mult=[1, 2, 4, 4],
+               num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    sd = {f"encoder.{k}": v for k, v in _fill(vae_model.Encoder(ch=128, **cfg).state_dict(), seed + 100).items()}
+    sd.update({f"decoder.{k}": v for k, v in _fill(vae_model.Decoder(ch=32, **cfg).state_dict(), seed).items()})
+    return {k: v.to(torch.float16) for k, v in sd.items()}
+
+
+def save_image(path, size: int, seed: int = 0, transparent_left: bool = False) -> str:
+    """A seeded random RGB PNG (RGBA with the left half transparent: LoadImage's mask) at `path`."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    pixels = g.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    if transparent_left:
+        alpha = np.full((size, size, 1), 255, dtype=np.uint8)
+        alpha[:, : size // 2] = 0
+        image = Image.fromarray(np.concatenate([pixels, alpha], axis=2), "RGBA")
+    else:
+        image = Image.fromarray(pixels, "RGB")
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    image.save(str(path))
+    return str(path)
 
 
 def flux2_vae_state_dict(seed: int = 4) -> dict:

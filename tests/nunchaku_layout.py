@@ -133,15 +133,31 @@ DOUBLE_LAYERS = ("qkv_proj", "qkv_proj_context", "out_proj", "out_proj_context",
 
 
 def metadata(config=TINY_FLUX_CONFIG, weight_dtype="int4", model_class="NunchakuFluxTransformer2dModel") -> dict:
-    diffusers_cfg = {"_class_name": "FluxTransformer2DModel", "in_channels": config["in_channels"],
+    diffusers_cfg = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": config["in_channels"],
+                     "out_channels": config.get("out_channels"),
                      "num_layers": config["depth"], "num_single_layers": config["depth_single_blocks"],
                      "attention_head_dim": 128, "num_attention_heads": config["num_heads"],
                      "joint_attention_dim": config["context_in_dim"], "pooled_projection_dim": config["vec_in_dim"],
                      "guidance_embeds": config["guidance_embed"], "axes_dims_rope": config["axes_dim"]}
     qcfg = {"method": "svdquant", "weight": {"dtype": weight_dtype, "scale_dtype": None, "group_size": 64},
             "activation": {"dtype": weight_dtype, "scale_dtype": None, "group_size": 64}}
-    return {"config": json.dumps(diffusers_cfg), "comfy_config": json.dumps({"model_class": "Flux"}),
+    out_ch = config.get("out_channels", config["in_channels"])
+    comfy_cfg = {"model_class": "Flux" if config["guidance_embed"] else "FluxSchnell", "model_config": {
+        "image_model": "flux", "in_channels": config["in_channels"] // 4, "out_channels": out_ch // 4, "patch_size": 2,
+        "vec_in_dim": config["vec_in_dim"], "context_in_dim": config["context_in_dim"],
+        "hidden_size": config["hidden_size"], "mlp_ratio": config["mlp_ratio"], "num_heads": config["num_heads"],
+        "depth": config["depth"], "depth_single_blocks": config["depth_single_blocks"], "axes_dim": config["axes_dim"],
+        "theta": config["theta"], "qkv_bias": config["qkv_bias"], "guidance_embed": config["guidance_embed"],
+        "disable_unet_model_creation": True}}
+    return {"config": json.dumps(diffusers_cfg), "comfy_config": json.dumps(comfy_cfg),
             "model_class": model_class, "quantization_config": json.dumps(qcfg)}
+
+
+# The FLUX.1 models Nunchaku ships as svdq-int4_r32-flux.1-<name>.safetensors: the same block layout; Fill, Depth and
+# Canny differ only in their 16-bit embedder and final layer (a wider img_in / x_embedder for the conditioning latent,
+# diffusers in_channels 384 / 128 and out_channels 64)
+VARIANTS = {"dev": {}, "kontext-dev": {}, "krea-dev": {}, "fill-dev": {"in_channels": 384, "out_channels": 64},
+            "depth-dev": {"in_channels": 128, "out_channels": 64}, "canny-dev": {"in_channels": 128, "out_channels": 64}}
 
 
 def nunchaku_tiny_flux(seed=0, rank=16, config=TINY_FLUX_CONFIG, names="lora", dtype=torch.bfloat16):

@@ -60,7 +60,11 @@ def test_layer_format_follows_the_contract():
     assert flux.layer_options("double_blocks.0.img_mlp.2", "ternary") == {}
 
 
-@pytest.mark.parametrize("overrides", [{}, {"guidance_embed": False}, {"qkv_bias": False, "depth": 1}])
+FILL = {"in_channels": 384, "out_channels": 64}  # FLUX.1 Fill: latent + masked-image latent + packed mask in, latent out
+DEPTH = {"in_channels": 128, "out_channels": 64}  # FLUX.1 Depth / Canny: latent + control latent in
+
+
+@pytest.mark.parametrize("overrides", [{}, {"guidance_embed": False}, {"qkv_bias": False, "depth": 1}, FILL, DEPTH])
 def test_config_inferred_from_shapes(overrides):
     cfg = {**TINY_FLUX_CONFIG, **overrides}
     shapes = {k: tuple(v.shape) for k, v in tiny_flux_state_dict(**overrides).items()}
@@ -117,6 +121,24 @@ def test_input_variants_give_the_same_checkpoint(tmp_path, tiny):
     sd, info = checkpoint.load_checkpoint(checkpoint.quantize_file(fp8, tmp_path / "fp8-q.safetensors", "w4a16")["dst"])
     for name, packed in checkpoint.packed_layers(sd, info).items():
         assert _rel_err(module_from_packed(packed), sd16[f"{name}.weight"], sd16[f"{name}.bias"], name) < 0.25, name
+
+
+@pytest.mark.parametrize("variant", [FILL, DEPTH], ids=["fill", "depth"])
+def test_fill_and_depth_models_quantize(tmp_path, capsys, variant):
+    """FLUX.1 Fill / Depth / Canny (a wider img_in, the final layer as wide as the plain latent) go through
+    `lowbit quantize` from BFL and diffusers names; the file records out_channels and its shapes."""
+    bfl = write_tiny_flux(tmp_path / "bfl.safetensors", **variant)
+    diff = write_tiny_flux(tmp_path / "diff.safetensors", naming="diffusers", **variant)
+    outs = []
+    for src in (bfl, diff):
+        outs.append(str(tmp_path / f"q-{os.path.basename(src)}"))
+        assert cli.main(["quantize", src, outs[-1], "--format", "w4a16"]) == 0, capsys.readouterr().err
+    (sd, info), (sd2, _) = checkpoint.load_checkpoint(outs[0]), checkpoint.load_checkpoint(outs[1])
+    assert info.config == {**TINY_FLUX_CONFIG, **variant}
+    assert sd["img_in.weight"].shape == (256, variant["in_channels"]) and sd["final_layer.linear.weight"].shape == (64, 256)
+    assert sorted(sd) == sorted(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    w4 = checkpoint.quantize_file(bfl, tmp_path / "w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST)
+    assert w4["config"]["out_channels"] == 64 and w4["layer_counts"] == {"svdq_w4a4": 20, "w4a16": 6}
 
 
 def test_scaled_fp8_input(tmp_path):
@@ -334,6 +356,32 @@ def test_existing_output_needs_force(tmp_path, tiny, capsys):
     assert cli.main(["quantize", tiny, str(dst), "--format", "w4a16", "--force"]) == 0
     assert checkpoint.read_info(str(dst)).model == "flux"
     _no_output(tmp_path, "q.safetensors")
+
+
+def test_force_never_replaces_what_is_not_a_regular_file(tmp_path, tiny, capsys):
+    """--force replaces a regular file (through a link: the link's target, the link stays); a device, a FIFO or a
+    dangling link is refused before any work, in one line naming it, and stays what it was."""
+    import stat
+
+    specials = {"fifo": lambda p: os.mkfifo(p), "dangling": lambda p: os.symlink(tmp_path / "missing", p)}
+    if hasattr(os, "mknod"):
+        specials["device"] = lambda p: os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # what /dev/null is
+    for name, make in specials.items():
+        path = tmp_path / name
+        try:
+            make(path)
+        except PermissionError:  # creating device nodes needs root (CAP_MKNOD)
+            continue
+        mode = os.lstat(path).st_mode
+        _one_line_error(capsys, ["quantize", tiny, str(path), "--format", "w4a16", "--force"],
+                        name, "not a regular file", "never replaces")
+        assert os.lstat(path).st_mode == mode, name
+    target = tmp_path / "target.safetensors"
+    target.write_bytes(b"old")
+    (tmp_path / "link.safetensors").symlink_to(target)
+    assert cli.main(["quantize", tiny, str(tmp_path / "link.safetensors"), "--format", "w4a16", "--force"]) == 0
+    assert (tmp_path / "link.safetensors").is_symlink() and checkpoint.read_info(str(target)).model == "flux"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".lowbit-")]
 
 
 # max relative error of one block's output (same inputs) / the whole model's output

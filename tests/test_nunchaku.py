@@ -1,6 +1,8 @@
 """Nunchaku SVDQuant INT4 FLUX import: layout inversion, BFL mapping, forward equivalence, CLI."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -402,3 +404,55 @@ def test_mixed_signedness_on_the_triton_backend(tiny):
 def test_inspect_points_to_convert_nunchaku(nunchaku_file, capsys):
     assert cli.main(["inspect", nunchaku_file]) == 1
     assert "lowbit convert-nunchaku" in capsys.readouterr().err
+
+
+# ---- the FLUX.1 family Nunchaku ships (Fill / Depth / Canny / Kontext / Krea) ------------------------------------
+
+@pytest.mark.parametrize("variant", sorted(nl.VARIANTS))
+def test_every_nunchaku_flux1_variant_converts(tmp_path, capsys, variant):
+    """svdq-int4_r32-flux.1-{fill,depth,canny,kontext,krea}-dev files share dev's block layout; Fill / Depth / Canny
+    have a wider x_embedder and a narrower proj_out. Converted: the config says so and the 16-bit parts are the
+    source's, through the CLI too."""
+    cfg = {**TINY_FLUX_CONFIG, **nl.VARIANTS[variant]}
+    sd, _, _ = nl.nunchaku_tiny_flux(seed=3, rank=16, config=cfg)
+    bfl = tiny_flux_state_dict(3, config=cfg)
+    path = _write(tmp_path, f"svdq-int4_r16-flux.1-{variant}.safetensors", sd, nl.metadata(cfg))
+    out = str(tmp_path / "out.safetensors")
+    assert cli.main(["convert-nunchaku", path, out]) == 0
+    assert "warning" not in capsys.readouterr().err
+    tensors, info = checkpoint.load_checkpoint(out)
+    assert info.config == {**cfg, "mlp_ratio": 4.0} and len(info.layers) == 26
+    for k in ("img_in.weight", "img_in.bias", "final_layer.linear.weight", "final_layer.linear.bias"):
+        assert torch.equal(tensors[k], bfl[k]), (variant, k)
+    assert tensors["img_in.weight"].shape[1] == cfg["in_channels"]
+    assert tensors["final_layer.linear.weight"].shape[0] == cfg.get("out_channels", cfg["in_channels"])
+
+
+@pytest.mark.parametrize("bad", ["{not json", "[1, 2]"])
+def test_unreadable_config_metadata_is_ignored_with_one_warning(tmp_path, tiny, capsys, caplog, bad):
+    """The `config` metadata only cross-checks the tensors: a file whose config is not a JSON object still converts
+    and loads (same result), with one warning line naming the file and what was ignored."""
+    meta = dict(nl.metadata(), config=bad)
+    path = _write(tmp_path, "broken-config.safetensors", tiny["sd"], meta)
+    out = str(tmp_path / "out.safetensors")
+    run = subprocess.run([sys.executable, "-m", "comfyui_lowbit.cli", "convert-nunchaku", path, out],
+                         capture_output=True, text=True, timeout=300)
+    err = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 0 and len(err) == 1, run.stderr
+    assert "broken-config.safetensors" in err[0] and "'config' metadata" in err[0] and "ignored" in err[0], err
+    assert err[0].startswith("lowbit convert-nunchaku: warning:")
+    sd, info = checkpoint.load_checkpoint(out)
+    assert info.layers == tiny["layers"] and all(torch.equal(sd[k], v) for k, v in tiny["tensors"].items())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="comfyui_lowbit"):
+        loaded, _ = nunchaku.load_nunchaku(path)  # what the loader node calls
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'config' metadata" in warnings[0].getMessage()
+    assert loaded.keys() == tiny["tensors"].keys()
+
+
+def test_quantization_config_that_is_not_an_object_is_named(tmp_path, tiny, capsys):
+    path = _write(tmp_path, "q.safetensors", tiny["sd"], dict(nl.metadata(), quantization_config='"svdquant"'))
+    assert cli.main(["convert-nunchaku", path, str(tmp_path / "out.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "quantization_config" in err and "q.safetensors" in err, err

@@ -19,12 +19,14 @@ WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "workflows"
 WORKFLOWS = sorted(p.name for p in WORKFLOW_DIR.glob("*.json"))
 FILE_WIDGETS = {"LowBitDiffusionModelLoader": ("diffusion_models", [0]), "UNETLoader": ("diffusion_models", [0]),
                 "LowBitTextEncoderLoader": ("text_encoders", [0, 1]), "VAELoader": ("vae", [0]),
-                "LoraLoaderModelOnly": ("loras", [0]), "LowBitFlux2TextEncoderLoader": ("text_encoders", [0])}
-# tiny stand-ins run at 64x64 and 2 steps (the reference image at 0.01 megapixels); everything else is as shipped
+                "LoraLoaderModelOnly": ("loras", [0]), "LowBitFlux2TextEncoderLoader": ("text_encoders", [0]),
+                "LoadImage": ("input", [0])}
+# tiny stand-ins run at 64x64 and 2 steps; everything else is as shipped
 FAST = {"iters": 2}  # stand-ins need working checkpoints, not the best ones
 SHRINK = {"EmptySD3LatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
           "EmptyFlux2LatentImage": {"width": 64, "height": 64}, "Flux2Scheduler": {"steps": 2, "width": 64, "height": 64},
-          "ImageScaleToTotalPixels": {"megapixels": 0.01}}
+          "ImageScaleToTotalPixels": {"megapixels": 0.01}}  # the 64x64 stand-in input -> 96x96 (sides of 16)
+INPUT_SIZE = 64
 
 
 def _load(name: str) -> dict:
@@ -39,8 +41,6 @@ def _expected_files(wf: dict) -> set:
 
 def _write_standins(models: Path):
     import comfyui_standins as st
-    import numpy as np
-    from PIL import Image
     from tiny_models import (TINY_MISTRAL_CONFIG, TINY_QWEN3_CONFIG, tiny_flux_state_dict, write_tiny_flux,
                              write_tiny_lowbit_flux, write_tiny_lowbit_flux2, write_tiny_lowbit_llm, write_tiny_lowbit_t5)
 
@@ -50,6 +50,12 @@ def _write_standins(models: Path):
     write_tiny_lowbit_flux(dm / "flux1-schnell-svdq-w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST,
                            guidance_embed=False)
     write_tiny_lowbit_flux(dm / "flux1-dev-ternary-r64.safetensors", "ternary", rank=64, options=FAST)
+    # FLUX.1 Kontext has dev's shapes; Fill reads the latent, the masked image's latent and the mask (img_in 384 wide)
+    write_tiny_lowbit_flux(dm / "flux1-kontext-dev-svdq-w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST, seed=1)
+    write_tiny_lowbit_flux(dm / "flux1-fill-dev-svdq-w4a4.safetensors", "svdq_w4a4", rank=16, options=FAST,
+                           in_channels=384, out_channels=64)
+    st.save_image(models.parent / "input" / "kontext_input.png", INPUT_SIZE, seed=1)
+    st.save_image(models.parent / "input" / "inpaint_input.png", INPUT_SIZE, seed=2, transparent_left=True)
     write_tiny_lowbit_t5(te / "t5xxl-lowbit-w4a16.safetensors")
     st.save(st.clip_l_state_dict(), te / "clip_l.safetensors")
     st.save(st.vae_state_dict(), models / "vae" / "ae.safetensors")
@@ -62,8 +68,7 @@ def _write_standins(models: Path):
     write_tiny_lowbit_llm(te / "mistral-3-small-flux2-w4a16.safetensors", TINY_MISTRAL_CONFIG)
     write_tiny_lowbit_llm(te / "qwen3-8b-w4a16.safetensors", TINY_QWEN3_CONFIG)
     st.save(st.flux2_vae_state_dict(), models / "vae" / "flux2-vae.safetensors")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(models.parent / "input" / "reference.png")
+    st.save_image(models.parent / "input" / "reference.png", 96, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +106,10 @@ def _png_size(path: Path) -> tuple:
     return struct.unpack(">II", head[16:24])
 
 
+def _path(server, folder: str, filename: str) -> Path:
+    return server.base / "input" / filename if folder == "input" else server.models / folder / filename
+
+
 def _check_images(server, entry: dict, wf: dict):
     saves = [str(n["id"]) for n in wf["nodes"] if n["type"] == "SaveImage" and n.get("mode", 0) == 0]
     assert saves, "workflow has no SaveImage"
@@ -109,7 +118,8 @@ def _check_images(server, entry: dict, wf: dict):
         assert len(images) == 1, f"SaveImage {nid} produced {images}"
         img = images[0]
         path = server.output / img["subfolder"] / img["filename"]
-        assert _png_size(path) == (64, 64)
+        scaled = any(n["type"] == "ImageScaleToTotalPixels" for n in wf["nodes"])
+        assert _png_size(path) == ((96, 96) if scaled else (64, 64))
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -125,7 +135,8 @@ def test_workflow_is_documented(name):
 def test_shipped_set():
     assert set(WORKFLOWS) == {"flux1-dev-lowbit-w4a4.json", "flux1-schnell-lowbit-w4a4.json",
                               "flux1-dev-lowbit-lora.json", "flux1-dev-lowbit-ternary.json",
-                              "flux1-dev-lowbit-quantize-your-own.json", "flux2-dev-lowbit-w4a4.json",
+                              "flux1-dev-lowbit-quantize-your-own.json", "flux1-kontext-dev-lowbit-w4a4.json",
+                              "flux1-fill-dev-lowbit-w4a4.json", "flux2-dev-lowbit-w4a4.json",
                               "flux2-klein-lowbit-w4a4.json", "flux2-dev-lowbit-reference.json"}
 
 
@@ -133,7 +144,7 @@ def test_shipped_set():
 def test_workflow_runs(server, name):
     wf = _load(name)
     for folder, filename in _expected_files(wf):
-        assert (server.models / folder / filename).is_file(), f"stand-in {folder}/{filename} missing"
+        assert _path(server, folder, filename).is_file(), f"stand-in {folder}/{filename} missing"
     entry = server.run(_api(server, wf), timeout=600)
     _check_images(server, entry, wf)
 
