@@ -149,12 +149,12 @@ def load_flux1_text_encoders(small: bool = False, seed: int = 1, fixed_tokens: b
     import comfy.sd
     import comfy.text_encoders.flux as flux_te
 
-    from comfyui_lowbit.checkpoint import clip_l, t5
+    from comfyui_lowbit.checkpoint import clip_l, families, t5
     from comfyui_lowbit.nodes.ops import make_ops
     from comfyui_lowbit.nodes.patcher import wrap_patcher
 
     cfg = dict(T5_SMALL, d_model=d_model or T5_SMALL["d_model"]) if small else T5_XXL
-    t5_sd, layers = _lowbit_state_dict(t5.expected_shapes(cfg), lambda layer: t5.layer_format(layer), seed)
+    t5_sd, layers = _lowbit_state_dict(t5.expected_shapes(cfg), lambda layer: families.T5.layer_format(layer, "w4a16"), seed)
     g = torch.Generator().manual_seed(seed + 1)
     clip_sd = {k: _float(k, s, g) for k, s in clip_l.expected_shapes(CLIP_L).items()}
     clip_sd["text_projection.weight"] = _float("text_projection.weight", (768, 768), g)

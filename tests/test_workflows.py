@@ -118,7 +118,10 @@ def _check_images(server, entry: dict, wf: dict):
         assert len(images) == 1, f"SaveImage {nid} produced {images}"
         img = images[0]
         path = server.output / img["subfolder"] / img["filename"]
-        scaled = any(n["type"] == "ImageScaleToTotalPixels" for n in wf["nodes"])
+        # an image-to-image graph samples at the scaled input's size, a text-to-image one (references or not) at its
+        # empty latent's
+        scaled = (any(n["type"] == "ImageScaleToTotalPixels" for n in wf["nodes"])
+                  and not any(n["type"].startswith("Empty") and n["type"].endswith("LatentImage") for n in wf["nodes"]))
         assert _png_size(path) == ((96, 96) if scaled else (64, 64))
 
 
