@@ -1,7 +1,12 @@
 """Low-bit GEMM kernels: Triton implementations, their PyTorch reference, and dispatch.
 
-Every public op takes the same arguments on both backends (see reference.py for the semantics).
+Every public op takes the same arguments on both backends (see reference.py for the semantics). The ops are
+opaque to torch.compile (torch.compiler.disable): a compiled model runs them exactly as eager does. Traced, the
+reference's roundings to 16 bits would be fused away (Inductor keeps float32 intermediates) and the Triton
+launches would break the graph anyway.
 """
+import torch
+
 from . import reference
 from .dispatch import BACKENDS, backend_for, fp8_supported, requested_backend, set_backend
 from .packing import pack_int4, pack_ternary, unpack_int4, unpack_ternary
@@ -16,7 +21,7 @@ def _dispatched(name):
 
     op.__name__ = name
     op.__doc__ = getattr(reference, name).__doc__
-    return op
+    return torch.compiler.disable(op)
 
 
 lora_down = _dispatched("lora_down")

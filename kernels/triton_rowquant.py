@@ -38,8 +38,7 @@ def _row_quant_kernel(x_ptr, smooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, M, K, R
                         mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)
             lacc = dot16(cast(x.to(tl.float32), d.dtype), d, lacc)
     if HAS_LR:
-        tl.store(lr_ptr + offs_m[:, None] * R + offs_r[None, :], cast(lacc, lr_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_r[None, :] < R))
+        tl.store(lr_ptr + offs_m[:, None] * R + offs_r[None, :], lacc, mask=row_ok[:, None] & (offs_r[None, :] < R))
     if CODES != _NONE:
         scale, rscale = group_rscale(amax, RCP127 if CODES == _INT8 else RCP448)
         tl.store(s_ptr + offs_m, scale, mask=row_ok)
@@ -69,7 +68,7 @@ def _row_quant(x, smooth, proj_down, codes, what):
     s = None if dtype is None else torch.empty(m, dtype=torch.float32, device=x.device)
     block_r = rank_block(proj_down, what)
     r = 0 if proj_down is None else proj_down.shape[1]
-    lr = None if proj_down is None else torch.empty(m, r, dtype=proj_down.dtype, device=x.device)
+    lr = None if proj_down is None else torch.empty(m, r, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s, lr
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)

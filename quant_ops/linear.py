@@ -144,21 +144,15 @@ class SVDQW4A4Linear(LowBitLinear):
 class W4A16Linear(LowBitLinear):
     """Weight-only int4. The format has no low-rank branch; `set_branch` adds an optional runtime one
     (non-persistent buffers proj_down / proj_up, used to carry LoRAs), computed like the other formats'
-    branch: out = x W^T + round16(x proj_down) proj_up^T in float32, then + bias."""
+    branch: lr = x proj_down in float32, out = x W^T + lr proj_up^T in float32, then + bias (kernels/reference.py)."""
 
     FORMAT_CLS = W4A16Weights
 
     def forward(self, x):
         x2 = self._flat(x)
         down, up = self.branch()
-        if down is None:
-            y = kernels.w4a16_gemm(x2, self.weight, self.wscales, self.wzeros, self.bias, out_dtype=x.dtype)
-        else:
-            y = kernels.w4a16_gemm(x2, self.weight, self.wscales, self.wzeros, None, out_dtype=torch.float32)
-            y = y + kernels.lora_down(x2, down).float() @ up.float().t()
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(x.dtype)
+        lr = kernels.lora_down(x2, down)
+        y = kernels.w4a16_gemm(x2, self.weight, self.wscales, self.wzeros, self.bias, out_dtype=x.dtype, lr=lr, proj_up=up)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def dequantize(self) -> torch.Tensor:

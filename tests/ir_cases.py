@@ -91,10 +91,10 @@ def _family(label, module, attr, types, variants, cfgs, checks=GEMM_CHECKS, xfai
 def cases(arch: str) -> list:
     first = arch != "sm90"  # other architectures: compile one config per variant
     sizes = dict(M=I32, N=I32, K=I32, R=I32, M_KEY=I32, W_ROW=I32)
-    lowrank = dict(lr_ptr=BF, up_ptr=BF, bias_ptr=BF)
+    lowrank = dict(lr_ptr=F32, up_ptr=BF, bias_ptr=BF)  # lr float32 (reference.lora_down)
     act, rowquant, w4a4 = _mod("triton_act"), _mod("triton_rowquant"), _mod("triton_w4a4")
     ternary, wonly = _mod("triton_ternary"), _mod("triton_wonly")
-    act_types = dict(x_ptr=BF, rsmooth_ptr=F32, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=BF, M=I32, K=I32, R=I32, M_KEY=I32)
+    act_types = dict(x_ptr=BF, rsmooth_ptr=F32, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=F32, M=I32, K=I32, R=I32, M_KEY=I32)
     wonly_types = dict(x_ptr=BF, w_ptr=U8, ws_ptr=BF, wz_ptr=BF, out_ptr=BF, **lowrank, **sizes)
     out = []
     out += _family("act_int4", "triton_act", "_act_int4_kernel",

@@ -193,7 +193,7 @@ def test_ternary_gemm(dtype, m, n, k, rank, has_bias):
     g = gen(5)
     x = rand(m, k, dtype=dtype, g=g)
     tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
-    lr, up = rand(m, rank, dtype=dtype, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)
+    lr, up = rand(m, rank, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)  # float32 lr, as lora_down gives
     bias = rand(n, dtype=dtype, g=g) if has_bias else None
     close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
     close(triton_ops.ternary_gemm(x, tw, ws), ref.ternary_gemm(x, tw, ws))
@@ -227,10 +227,10 @@ def test_wonly_dequant_path(monkeypatch, dtype, fmt, zeros, rank):
         close(triton_ops.w4a16_gemm(x, qw, ws, wz, bias), ref.w4a16_gemm(x, qw, ws, wz, bias))
     else:
         tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
-        lr, up = (rand(m, rank, dtype=dtype, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)) if rank else (None, None)
+        lr, up = (rand(m, rank, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)) if rank else (None, None)
         w = triton_wonly.dequantize(tw, ws, None, up, ternary=True)
         assert torch.equal(w[:, :k], (kernels.unpack_ternary(tw).float() * ws.float()[:, None]).to(dtype))
-        assert rank == 0 or torch.equal(w[:, k:], up)
+        assert rank == 0 or (torch.equal(w[:, k:k + rank], up) and torch.equal(w[:, k + rank:], up))
         close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
 
 
@@ -247,6 +247,42 @@ def test_ternary_int8_gemm(dtype, m, n, k, rank):
     bias = rand(n, dtype=dtype, g=g)
     close(triton_ops.ternary_int8_gemm(q, s, tw, ws, lr, up, bias, out_dtype=dtype),
           ref.ternary_int8_gemm(q, s, tw, ws, lr, up, bias, out_dtype=dtype))
+
+
+def test_rows_do_not_depend_on_the_batch(monkeypatch):
+    """A token's codes, scales, lr and outputs are bitwise the same alone and as the first row of a batch. The act
+    kernel's split count along K follows the token count: lr, summed in fixed chunks of K, is the same for 1, 2 and
+    4 programs. The GEMMs are compared within one split regime (K is split only at <= 64 tokens)."""
+    from comfyui_lowbit.kernels import triton_act
+
+    g, dt, n, r = gen(18), torch.bfloat16, 40, 32
+    x = rand(66, 1024, dtype=dt, g=g)
+    smooth = (torch.rand(1024, generator=g) + 0.5).to(dt).to(DEV)
+    down = rand(1024, r, dtype=dt, g=g, scale=0.1)
+    outs = []
+    for nsplit in (1, 2, 4):
+        monkeypatch.setattr(triton_act, "k_splits", lambda *a, nsplit=nsplit: nsplit)
+        outs.append(triton_ops.quantize_act_int4(x[:40], smooth, down))
+    monkeypatch.undo()
+    assert outs[0][2].dtype == torch.float32 and all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+    x, smooth, down = x[:, :512], smooth[:512], down[:512]
+    u8 = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    for quant in (lambda v: triton_ops.quantize_act_int4(v, smooth, down), lambda v: triton_ops.quantize_act_int8(v, down),
+                  lambda v: triton_ops.quantize_act_fp8(v, smooth, down)):
+        assert all(torch.equal(u8(a[:1]), u8(b)) for a, b in zip(quant(x[:40]), quant(x[:1])))
+    q4, s4, lr = triton_ops.quantize_act_int4(x, smooth, down)
+    q8, s8, _ = triton_ops.quantize_act_int8(x, down)
+    up, bias = rand(n, r, dtype=dt, g=g, scale=0.1), rand(n, dtype=dt, g=g)
+    qw, ws = int4_weight(n, 512, g), rand(8, n, dtype=dt, g=g, scale=0.05)
+    tw, tws = ternary_weight(n, 512, g), rand(n, dtype=dt, g=g, scale=0.05).abs()
+    f32 = torch.float32
+    runs = [lambda i: triton_ops.w4a4_gemm(q4[:i], s4[:i], qw, ws, lr[:i], up, bias, out_dtype=f32),
+            lambda i: triton_ops.ternary_int8_gemm(q8[:i], s8[:i], tw, tws, lr[:i], up, bias, out_dtype=f32),
+            lambda i: triton_ops.ternary_gemm(x[:i], tw, tws, lr[:i], up, bias, out_dtype=f32),
+            lambda i: triton_ops.w4a16_gemm(x[:i], qw, ws, None, bias, f32, lr[:i], up)]
+    for run in runs:
+        assert torch.equal(run(40)[:20], run(20)) and torch.equal(run(2)[:1], run(1))
+    assert torch.equal(runs[0](66)[:65], runs[0](65))  # many tokens: no split
 
 
 def test_empty_batch():
