@@ -100,9 +100,11 @@ def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
     return torch.cat(qs, 1), torch.cat(scales, 1), lora_down(x, proj_down)
 
 
-def quantize_act_int8(x, proj_down=None):
-    """x (M, K) -> (q int8 (M, K) in [-127, 127], scales float32 (M,), lr (M, r) or None)."""
-    q, scale = _quantize_groups(x.float(), x.shape[1], -127, 127)
+def quantize_act_int8(x, proj_down=None, smooth=None):
+    """x (M, K) -> (q int8 (M, K) in [-127, 127], scales float32 (M,), lr (M, r) or None); smooth: codes of
+    x * (1 / smooth) (the int8 mode of svdq_w4a4 layers; ternary has none)."""
+    xs = x.float() if smooth is None else x.float() * reciprocal(smooth)
+    q, scale = _quantize_groups(xs, x.shape[1], -127, 127)
     return q, scale[:, 0], lora_down(x, proj_down)
 
 
@@ -143,6 +145,52 @@ def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, o
         dot = xf[:, sl] @ qw[:, sl].t()  # exact: |values| < 2^24
         acc = acc + (dot * wscales[g].float().unsqueeze(0)) * ascales[:, g : g + 1]
     return _epilogue(acc, lr, proj_up, bias, out_dtype)
+
+
+def progressive_limit(k: int) -> int:
+    """Largest integer group scale for K input channels: |sum_g s1_g (qx_g . qw_g)| <= K * 127 * 8 * limit < 2^31,
+    so the W4A8 kernel's int32 accumulator is exact (127 up to K = 16640)."""
+    return max(1, min(127, (2 ** 31 - 1) // (k * 127 * 8)))
+
+
+def progressive_scales(wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales (G, N) -> (s1 int16 (G, N) in [0, limit], s0 float32 (N,)) with s1 * s0 ~ wscales (QServe's
+    progressive group quantization: the groups' scales become integers under one float scale per channel, so the
+    W4A8 GEMM applies them in integer arithmetic). s0 = max_g wscales / limit: the largest group keeps its scale,
+    a group at 1/10 of it is off by up to 1/25 (limit 127)."""
+    g, _ = wscales.shape
+    limit = progressive_limit(g * 64)
+    s = wscales.float()
+    s0 = s.amax(dim=0) / limit
+    s1 = torch.where(s0 > 0, torch.round(s / torch.where(s0 > 0, s0, 1.0)), torch.zeros_like(s))
+    return s1.clamp_(0, limit).to(torch.int16), s0
+
+
+def w4a8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=torch.bfloat16, s0=None):
+    """int8 activations x int4 weights (W4A8): qx int8 (M, K), xscales f32 (M,), qweight uint8 (N, K/2) -> (M, N).
+    wscales 16-bit float (G, N): per-group float rescale, acc = sum_g float(qx_g . qw_g) * wscales_g in group
+    order, out = acc * xscales. wscales int16 (G, N) with s0 float32 (N,) (progressive_scales): the group scales
+    in integer arithmetic, acc = sum_g s1_g (qx_g . qw_g) exact, out = float(acc) * (xscales * s0). Then the
+    branch and bias."""
+    m, k = qx.shape
+    groups = wscales.shape[0]
+    gs = k // groups
+    qw = unpack_int4(qweight).float()
+    xf = qx.float()
+    progressive = not wscales.is_floating_point()
+    acc = torch.zeros(m, qw.shape[0], dtype=torch.int64 if progressive else torch.float32, device=qx.device)
+    for g in range(groups):
+        sl = slice(g * gs, (g + 1) * gs)
+        dot = xf[:, sl] @ qw[:, sl].t()  # exact: |values| < 2^24
+        if progressive:
+            acc = acc + dot.long() * wscales[g].long().unsqueeze(0)
+        else:
+            acc = acc + dot * wscales[g].float().unsqueeze(0)
+    if progressive:
+        out = acc.float() * (xscales.unsqueeze(1) * s0.float().unsqueeze(0))
+    else:
+        out = acc * xscales.unsqueeze(1)
+    return _epilogue(out, lr, proj_up, bias, out_dtype)
 
 
 def dequant_int4(qweight, wscales, wzeros=None, dtype=None):

@@ -1,5 +1,6 @@
 """Per-token activation quantization over all of K, fused with the low-rank down projection: int8 codes for
-ternary_int8, e4m3 codes (after smoothing) for the FP8 GEMMs; also the down projection alone (lora_down).
+ternary_int8 and (after smoothing) the W4A8 GEMM, e4m3 codes (after smoothing) for the FP8 GEMMs; also the down
+projection alone (lora_down).
 Rounding pinned as in reference.py (triton_rounding.py)."""
 import torch
 import triton
@@ -80,9 +81,9 @@ def _row_quant(x, smooth, proj_down, codes, what):
     return q, s, lr
 
 
-def quantize_act_int8(x, proj_down=None):
-    """See reference.quantize_act_int8."""
-    return _row_quant(x, None, proj_down, INT8, "quantize_act_int8")
+def quantize_act_int8(x, proj_down=None, smooth=None):
+    """See reference.quantize_act_int8; the down projection is computed in the same pass."""
+    return _row_quant(x, smooth, proj_down, INT8, "quantize_act_int8")
 
 
 def quantize_act_fp8(x, smooth=None, proj_down=None):

@@ -7,12 +7,17 @@ from ..kernels.reference import ACT_SHIFT, dequant_int4
 from .formats import TernaryWeights, W4A4Weights, W4A16Weights
 
 
+# non-persistent buffers computed from a layer's tensors for an activation mode, dropped when those change
+DERIVED = ("unshifted_bias", "int8_s1", "int8_s0")
+
+
 class LowBitLinear(nn.Module):
     """Base: the buffers are the format's tensors under the same names as in a checkpoint."""
 
     FORMAT_CLS = None
     VALUES_PER_BYTE = 2
     activations = "int4"  # run-time activation mode (quant_ops/activations.py), never in a checkpoint
+    int8_progressive = False  # int8 mode of svdq_w4a4: integer group scales (kernels.progressive_scales)
 
     def __init__(self, packed):
         super().__init__()
@@ -49,7 +54,8 @@ class LowBitLinear(nn.Module):
         packed = self.FORMAT_CLS.from_tensors(found, self._options, layer=prefix.rstrip("."))
         for k in self.FORMAT_CLS.TENSORS:
             setattr(self, k, getattr(packed, k))
-        self._buffers.pop("fp8_bias", None)
+        for k in DERIVED:
+            self._buffers.pop(k, None)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
@@ -83,16 +89,19 @@ class LowBitLinear(nn.Module):
 
     def copy_to(self, device) -> "LowBitLinear":
         """A plain lowbit module holding copies of this one's tensors on `device` (runtime branch, activation
-        mode and FP8 bias included: the bias is computed once here, not on every offloaded call)."""
-        if self.activations == "fp8" and isinstance(self, SVDQW4A4Linear):
-            self._fp8_bias()
+        mode and the tensors derived for it included: computed once here, not on every offloaded call)."""
+        if self.activations in ("fp8", "int8") and isinstance(self, SVDQW4A4Linear):
+            self._unshifted_bias()
+            if self.activations == "int8":
+                self._int8_scales()
         m = module_from_packed(self.packed().to(device=device))
         down, up = self.branch()
         if down is not None and "proj_down" not in self.FORMAT_CLS.TENSORS:
             m.set_branch(down.to(device), up.to(device))
-        m.activations = self.activations
-        if "fp8_bias" in self._buffers:
-            m.register_buffer("fp8_bias", self.fp8_bias.to(device), persistent=False)
+        m.activations, m.int8_progressive = self.activations, self.int8_progressive
+        for k in DERIVED:
+            if self._buffers.get(k) is not None:
+                m.register_buffer(k, self._buffers[k].to(device), persistent=False)
         return m
 
 
@@ -103,20 +112,37 @@ class SVDQW4A4Linear(LowBitLinear):
         x2 = self._flat(x)
         if self.activations == "fp8":
             q, s, lr = kernels.quantize_act_fp8(x2, self.smooth, self.proj_down)
-            y = kernels.int4_fp8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self._fp8_bias(), out_dtype=x.dtype)
+            y = kernels.int4_fp8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self._unshifted_bias(),
+                                      out_dtype=x.dtype)
+        elif self.activations == "int8":
+            q, s, lr = kernels.quantize_act_int8(x2, self.proj_down, self.smooth)
+            ws, s0 = self._int8_scales()
+            y = kernels.w4a8_gemm(q, s, self.weight, ws, lr, self.proj_up, self._unshifted_bias(), out_dtype=x.dtype,
+                                  s0=s0)
         else:
             q, s, lr = self._quantize(x2)
             y = kernels.w4a4_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def _fp8_bias(self) -> torch.Tensor | None:
-        """FP8 activations are not shifted, so an unsigned layer gets back the shift's share that the
+    def _unshifted_bias(self) -> torch.Tensor | None:
+        """FP8 and int8 activations are not shifted, so an unsigned layer gets back the shift's share that the
         checkpoint folded out of its bias: float_bias(), float32, computed once (non-persistent buffer)."""
         if not self._options["act_unsigned"]:
             return self.bias
-        if "fp8_bias" not in self._buffers:
-            self.register_buffer("fp8_bias", self.float_bias(), persistent=False)
-        return self.fp8_bias
+        if self._buffers.get("unshifted_bias") is None:
+            self.register_buffer("unshifted_bias", self.float_bias(), persistent=False)
+        return self.unshifted_bias
+
+    def _int8_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(group scales, channel scales) for kernels.w4a8_gemm: the checkpoint's wscales (None), or with
+        int8_progressive its integer group scales under float32 channel scales, computed once (buffers)."""
+        if not self.int8_progressive:
+            return self.wscales, None
+        if self._buffers.get("int8_s1") is None:
+            s1, s0 = kernels.progressive_scales(self.wscales)
+            self.register_buffer("int8_s1", s1, persistent=False)
+            self.register_buffer("int8_s0", s0, persistent=False)
+        return self.int8_s1, self.int8_s0
 
     def _quantize(self, x2):
         # act_unsigned_from u > 0: signed channels [0, u), unsigned shifted channels [u, K), one kernel call
@@ -172,7 +198,7 @@ class TernaryLinear(LowBitLinear):
         if self.activations == "fp8":
             q, s, lr = kernels.quantize_act_fp8(x2, None, self.proj_down)
             y = kernels.ternary_fp8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
-        elif self._options["act_int8"]:
+        elif self._options["act_int8"] or self.activations == "int8":
             q, s, lr = kernels.quantize_act_int8(x2, self.proj_down)
             y = kernels.ternary_int8_gemm(q, s, self.weight, self.wscales, lr, self.proj_up, self.bias, out_dtype=x.dtype)
         else:

@@ -33,9 +33,10 @@ fi
 export TRITON_DEFAULT_FP_FUSION=1
 if [ -n "$DRY" ]; then
     export TRITON_INTERPRET=1 CEIL_DEV=cpu CEIL_SMALL=1
-    TINY=--tiny BENCH="--small --runs 1 --warmup 0" BENCH_M=1,64 MODELS=bf16,svdq_w4a4 TABLES=$WORK/configs TUNE_M="1 40"
+    TINY=--tiny BENCH="--small --runs 1 --warmup 0" BENCH_M=1,64 MODELS=bf16,svdq_w4a4,svdq_w4a4_int8 TABLES=$WORK/configs TUNE_M="1 40"
 else
-    TINY="" BENCH="" BENCH_M=1,512,4608 MODELS=bf16,svdq_w4a4,svdq_w4a4_fp8,ternary,ternary_fp8 TABLES=kernels/configs TUNE_M="1 512 4608"
+    TINY="" BENCH="" BENCH_M=1,512,4608 TABLES=kernels/configs TUNE_M="1 512 4608"
+    MODELS=bf16,svdq_w4a4,svdq_w4a4_int8,svdq_w4a4_fp8,ternary,ternary_int8,ternary_fp8,svdq_w4a4_int8p
 fi
 
 step() {  # step NAME SECONDS COMMAND...
@@ -67,6 +68,7 @@ step ceilings 120 bash -c "test -f gpu_tools/gpu-ceilings.py || { echo 'gpu_tool
 step tune 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_int4 w4a4 --out $TABLES && cp $TABLES/*.json $OUT/"
 step tune-fp8 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_fp8 fp8_int4 fp8_ternary --out $TABLES && cp $TABLES/*.json $OUT/"
 step tune-weight-only 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels ternary ternary_int8 w4a16 --m $TUNE_M --out $TABLES && cp $TABLES/*.json $OUT/"
+step tune-int8 90 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels w4a8 --m $TUNE_M --out $TABLES && cp $TABLES/*.json $OUT/"
 
 rm -rf "$WORK"
 echo "=== done in $((SECONDS - START))s" >> "$LOG"
