@@ -15,7 +15,7 @@ from tiny_models import TINY_FLUX_CONFIG, tiny_flux_state_dict
 from comfyui_lowbit.flux_model import flux_from_state_dict, make_inputs, quantize_flux
 from comfyui_lowbit.quant_ops import W4A16Linear, quantize_linear, set_activations
 
-MODES = ("int4", "fp8")
+MODES = ("int4", "int8", "fp8")
 LAYERS = [("svdq_w4a4", {}), ("svdq_w4a4", {"act_unsigned": True}), ("ternary", {}), ("ternary", {"act_int8": True}),
           ("w4a16", {})]
 
