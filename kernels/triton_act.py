@@ -5,9 +5,9 @@ codes and scales and feeds the same tile to `x @ proj_down`. The down projection
 is summed in LR_CHUNKS fixed chunks of K, each from zero, the chunks then added in order, whether or not K is
 split: where there are few token blocks K is split across programs (on chunk boundaries), each chunk's partial
 stored and summed in chunk order by the last program to arrive (triton_splitk.py). So a token's lr does not
-depend on how many tokens share the call (which sets the split count). Codes stay int8, one per byte: the W4A4 GEMM keeps its only register operand for the
-decoded weight and takes these straight from shared memory. Scales are stored (groups, M): the GEMM reads
-one contiguous row per group. Rounding is pinned as in reference.py (triton_rounding.py).
+depend on how many tokens share the call (which sets the split count). Codes stay int8, one per byte: the W4A4
+GEMM keeps its only register operand for the decoded weight and takes these straight from shared memory. Scales
+are stored (groups, M): the GEMM reads one contiguous row per group. Rounding is pinned as in reference.py (triton_rounding.py).
 """
 import weakref
 

@@ -108,9 +108,11 @@ def cases(arch: str) -> list:
     rowquant_types = dict({k: v for k, v in act_types.items() if k != "rsmooth_ptr"}, smooth_ptr=BF)
     rowquant_flags = dict(HAS_LR=True, BLOCK_R=32)
     out += _family("act_int8", "triton_rowquant", "_row_quant_kernel", rowquant_types,
-                   {"lr": dict(rowquant_flags, CODES=rowquant.INT8, HAS_SMOOTH=False),
-                    "smooth lr": dict(rowquant_flags, CODES=rowquant.INT8, HAS_SMOOTH=True)}, rowquant.CONFIGS,
+                   {"lr": dict(rowquant_flags, CODES=rowquant.INT8, HAS_SMOOTH=False)}, rowquant.CONFIGS,
                    ("no_spills",), only_first=first)
+    out += _family("act_int8", "triton_rowquant", "_row_quant_kernel", rowquant_types,  # W4A8's: one config (as fp8's)
+                   {"smooth lr": dict(rowquant_flags, CODES=rowquant.INT8, HAS_SMOOTH=True)}, rowquant.CONFIGS,
+                   ("no_spills",), only_first=True)
     w4a4_types = dict(qx_ptr=I8, as_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr=F32, cnt_ptr="*i32",
                       STRIDE_AG=I32, NSPLIT=I32, **lowrank, **sizes)
     flags = dict(HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32, STRIDE_AM=1)  # scales stored (G, M)
