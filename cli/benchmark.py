@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..quant_ops import TernaryWeights, W4A4Weights, W4A16Weights, module_from_packed, use_fp8
+from ..quant_ops import TernaryWeights, W4A4Weights, W4A16Weights, module_from_packed, use_activations, use_fp8
 
 FLUX_DEV_CONFIG = dict(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
                        num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000,
@@ -41,9 +41,13 @@ MODELS = {"flux1-dev": FLUX_DEV_CONFIG, "flux2-klein-9b": _flux2("klein-9b"), "f
 SMALL_MODELS = {name: dict(cfg, context_in_dim=256, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
                 for name, cfg in MODELS.items()}
 
-LAYER_FORMATS = ("w4a4", "w4a16", "ternary", "ternary_int8", "w4a8f", "ternary_f8")
-MODEL_FORMATS = ("bf16", "svdq_w4a4", "ternary", "svdq_w4a4_fp8", "ternary_fp8")
+LAYER_FORMATS = ("w4a4", "w4a16", "ternary", "ternary_int8", "w4a8f", "ternary_f8", "w4a8i", "w4a8ip")
+MODEL_FORMATS = ("bf16", "svdq_w4a4", "ternary", "svdq_w4a4_fp8", "ternary_fp8", "svdq_w4a4_int8", "svdq_w4a4_int8p",
+                 "ternary_int8")
 FP8_FORMATS = {"w4a8f": "w4a4", "ternary_f8": "ternary", "svdq_w4a4_fp8": "svdq_w4a4", "ternary_fp8": "ternary"}
+# the same weights with int8 activations (W4A8, ternary int8): (format, progressive integer group scales)
+INT8_FORMATS = {"w4a8i": ("w4a4", False), "w4a8ip": ("w4a4", True), "svdq_w4a4_int8": ("svdq_w4a4", False),
+                "svdq_w4a4_int8p": ("svdq_w4a4", True), "ternary_int8": ("ternary", False)}
 FULL_MS = (1, 256, 512, 4608, 9216)
 GRAPH_MAX_M = 64
 SMALL_MS = (1, 64)
@@ -182,6 +186,9 @@ def random_layer(fmt: str, n: int, k: int, rank: int, device, unsigned=False, se
     """A lowbit module with random packed tensors of the right shapes (timing only: no quantizer run)."""
     if fmt in FP8_FORMATS:  # the same weights with fp8 (e4m3) activations
         return use_fp8(random_layer(FP8_FORMATS[fmt], n, k, rank, device, unsigned, seed, dtype), device)
+    if fmt in ("w4a8i", "w4a8ip"):  # the same weights with int8 activations
+        base, progressive = INT8_FORMATS[fmt]
+        return use_activations(random_layer(base, n, k, rank, device, unsigned, seed, dtype), "int8", device, progressive)
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -328,11 +335,13 @@ def bench_model(device, config, formats, tokens_hw, txt_len, warmup, runs, rank=
         model = None
         try:
             t0 = time.time()
-            q = None if fmt == "bf16" else quantize_fn(FP8_FORMATS.get(fmt, fmt), rank, reuse_per_shape=True,
-                                                       family=family, iters=1)
+            base = FP8_FORMATS.get(fmt) or INT8_FORMATS.get(fmt, (fmt,))[0]
+            q = None if fmt == "bf16" else quantize_fn(base, rank, reuse_per_shape=True, family=family, iters=1)
             model = random_flux(config, seed=seed, dtype=torch.bfloat16, device=device, quantize=q)
             if fmt in FP8_FORMATS:
                 use_fp8(model, device)
+            if fmt in INT8_FORMATS:
+                use_activations(model, "int8", device, INT8_FORMATS[fmt][1])
             row["build_s"] = time.time() - t0
             row["weight_bytes"] = weight_bytes(model)
             if device.type == "cuda":
@@ -502,6 +511,9 @@ def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_fo
              "w4a4 = SVDQuant W4A4 (mlp.2 with unsigned activations), w4a16 = int4 weights / 16-bit activations "
              "(group 64), ternary = 1.58-bit weights / 16-bit activations, ternary_int8 = with int8 activations; "
              "w4a8f / ternary_f8 (models: *_fp8) = the same weights with fp8 (e4m3 per token) activations",
+             "w4a8i (models: svdq_w4a4_int8, ternary_int8) = the same weights with int8 activations (per token after "
+             "smoothing; W4A8 GEMM with per-group float rescale); w4a8ip (svdq_w4a4_int8p) = with progressive integer "
+             "group scales (one float rescale after the K loop; weights changed: kernels.progressive_scales)",
              "mod.* (FLUX modulation) and t5.* (T5-XXL encoder, w4a16 only; 512 tokens per prompt) rows are left out "
              "of the geometric means"]
     if set(shapes) - {"flux1", "t5"}:

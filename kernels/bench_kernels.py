@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from .packing import pack_int4, pack_ternary
+from .reference import progressive_scales
 
 # (name, K, N) of the FLUX.1 linears (REFERENCE.md)
 FLUX_SHAPES = [("attn.qkv", 3072, 9216), ("attn.proj", 3072, 3072), ("mlp.0", 3072, 12288), ("mlp.2", 12288, 3072),
@@ -43,6 +44,7 @@ def bench(ms, rank, shapes, dev, reps=50):
             down, up = torch.randn(k, rank, device=dev, dtype=dt) * 0.02, torch.randn(n, rank, device=dev, dtype=dt) * 0.02
             q, s, lr = T.quantize_act_int4(x, smooth, down)
             q8, s8, _ = T.quantize_act_int8(x)
+            s1, s0 = progressive_scales(ws4)
             ops = {
                 "bf16 matmul": lambda: x @ w16.t(),
                 "act int4+down": lambda: T.quantize_act_int4(x, smooth, down),
@@ -50,6 +52,9 @@ def bench(ms, rank, shapes, dev, reps=50):
                 "w4a16 gemm": lambda: T.w4a16_gemm(x, qw, ws4),
                 "ternary gemm": lambda: T.ternary_gemm(x, tw, wsn, lr, up),
                 "ternary int8 gemm": lambda: T.ternary_int8_gemm(q8, s8, tw, wsn, lr, up),
+                "act int8+down": lambda: T.quantize_act_int8(x, down, smooth),
+                "w4a8 gemm": lambda: T.w4a8_gemm(q8, s8, qw, ws4, lr, up),
+                "w4a8 progressive gemm": lambda: T.w4a8_gemm(q8, s8, qw, s1, lr, up, s0=s0),
             }
             if fp8:
                 f8, fs, flr = T.quantize_act_fp8(x, smooth, down)

@@ -2,10 +2,13 @@
 
 LOWBIT_BACKEND=reference|triton overrides (triton on a CPU tensor needs TRITON_INTERPRET=1).
 The first fallback to the reference on a GPU tensor logs one line saying why.
-fp8_supported(device) says whether a GPU has FP8 (e4m3) tensor cores the kernels can use.
+fp8_supported(device) says whether a GPU has FP8 (e4m3) tensor cores the kernels can use; auto_activations(device)
+is the activation mode activation_modes.json gives its GPU family.
 """
+import json
 import logging
 import os
+import re
 
 import torch
 
@@ -78,3 +81,51 @@ def fp8_supported(device: torch.device) -> bool:
         arch = getattr(props, "gcnArchName", "")
         return arch.startswith(("gfx950", "gfx12"))
     return (props.major, props.minor) >= (8, 9)
+
+
+MODES_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "activation_modes.json")
+_families = None
+
+
+def activation_families() -> list:
+    """The families of activation_modes.json, in match order."""
+    global _families
+    if _families is None:
+        with open(MODES_TABLE) as f:
+            _families = json.load(f)["families"]
+    return _families
+
+
+def gpu_identity(device) -> dict:
+    """{vendor: nvidia|amd, cc: (major, minor), arch: gcnArchName, name} of a GPU, or {} off the GPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {"vendor": "amd" if torch.version.hip else "nvidia", "cc": (props.major, props.minor),
+            "arch": getattr(props, "gcnArchName", ""), "name": props.name}
+
+
+def _matches(match: dict, gpu: dict) -> bool:
+    if "vendor" in match and match["vendor"] != gpu["vendor"]:
+        return False
+    if "cc_min" in match and not tuple(match["cc_min"]) <= gpu["cc"] <= tuple(match["cc_max"]):
+        return False
+    if "arch" in match and not re.match(match["arch"], gpu["arch"]):
+        return False
+    return "name" not in match or re.search(match["name"], gpu["name"]) is not None
+
+
+def auto_family(device) -> dict | None:
+    """The activation_modes.json entry for `device`'s GPU (None off the GPU)."""
+    gpu = gpu_identity(device)
+    if not gpu:
+        return None
+    return next(f for f in activation_families() if _matches(f["match"], gpu))
+
+
+def auto_activations(device) -> str:
+    """activations=auto: the table's mode for the GPU family (int4, the checkpoints' own, off the GPU)."""
+    family = auto_family(device)
+    mode = "int4" if family is None else family["mode"]
+    return "int8" if mode == "fp8" and not fp8_supported(device) else mode

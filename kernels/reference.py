@@ -9,8 +9,17 @@ Conventions shared with the Triton kernels:
 - "compute dtype" is the 16-bit dtype of the layer's 16-bit tensors; 16-bit matmuls take operands in
   it and accumulate in float32. Integer dots are exact; W4A4 rescales them in float32 group by group:
   acc += (dot * w_scale) * a_scale.
-- The low-rank branch reads the raw input: lr = round_to_compute_dtype(x @ proj_down), then
-  out += lr @ proj_up^T in float32, then + bias, then cast to the output dtype.
+- Float dots (dot32) are summed here in float64 and rounded once to float32, so a row's result does not
+  depend on the other rows of the call: float32 GEMMs pick their kernel, and so their summation order, by
+  the row count (on the CPU one row takes another kernel than four), and an int4 or int8 activation code
+  downstream flips on a float32 difference of one unit. The Triton kernels sum in float32; only the
+  float32 summation order is left to them.
+- The low-rank branch reads the raw input: lr = x (rounded to the compute dtype) @ proj_down, kept in
+  float32 (as Nunchaku keeps it). The up projection takes it as two 16-bit halves, hi = round16(lr) and
+  lo = round16(lr - hi) (split16: hi + lo is lr to 17 significant bits in bfloat16, 22 in float16), on
+  16-bit tensor cores: out += (hi + lo) @ proj_up^T in float32, then + bias, then cast to the output dtype.
+  A float32 difference in lr (another batch size, another K split) stays a float32 difference in out;
+  rounding lr itself to 16 bits turned it into a 16-bit one, which flipped activation codes downstream.
 - FP8 activations (e4m3, torch.float8_e4m3fn): per token over all of K, after smoothing, no shift;
   scale = absmax * RCP[448], codes = e4m3(clamp(xs * (1 / scale), -448, 448)) rounded to nearest even
   (the clamp keeps a product just above 448 from becoming NaN). An unsigned (post-GELU) svdq_w4a4
@@ -44,10 +53,23 @@ def _quantize_groups(xs: torch.Tensor, group_size: int, qmin: int, qmax: int):
     return q.reshape(m, k).to(torch.int8), scale
 
 
+def dot32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of float tensors, summed in float64 and rounded once to float32 (see the module docstring)."""
+    return (a.double() @ b.double()).float()
+
+
 def lora_down(x: torch.Tensor, proj_down: torch.Tensor | None) -> torch.Tensor | None:
+    """x (M, K) -> lr float32 (M, r) = round16(x) @ proj_down, or None without a branch."""
     if proj_down is None:
         return None
-    return (x.to(proj_down.dtype).float() @ proj_down.float()).to(proj_down.dtype)
+    return dot32(x.to(proj_down.dtype), proj_down)
+
+
+def split16(lr: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 lr -> (hi, lo) in the 16-bit dtype: hi = lr rounded to nearest even, lo = (lr - hi) rounded."""
+    lr = lr.float()
+    hi = lr.to(dtype)
+    return hi, (lr - hi.float()).to(dtype)
 
 
 def unsigned_from(unsigned, k: int, group_size: int) -> int:
@@ -78,9 +100,11 @@ def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
     return torch.cat(qs, 1), torch.cat(scales, 1), lora_down(x, proj_down)
 
 
-def quantize_act_int8(x, proj_down=None):
-    """x (M, K) -> (q int8 (M, K) in [-127, 127], scales float32 (M,), lr (M, r) or None)."""
-    q, scale = _quantize_groups(x.float(), x.shape[1], -127, 127)
+def quantize_act_int8(x, proj_down=None, smooth=None):
+    """x (M, K) -> (q int8 (M, K) in [-127, 127], scales float32 (M,), lr (M, r) or None); smooth: codes of
+    x * (1 / smooth) (the int8 mode of svdq_w4a4 layers; ternary has none)."""
+    xs = x.float() if smooth is None else x.float() * reciprocal(smooth)
+    q, scale = _quantize_groups(xs, x.shape[1], -127, 127)
     return q, scale[:, 0], lora_down(x, proj_down)
 
 
@@ -101,7 +125,8 @@ def quantize_act_fp8(x, smooth=None, proj_down=None):
 
 def _epilogue(acc, lr, proj_up, bias, out_dtype):
     if lr is not None:
-        acc = acc + lr.float() @ proj_up.float().t()
+        hi, lo = split16(lr, proj_up.dtype)
+        acc = acc + dot32(hi.double() + lo.double(), proj_up.t())
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(out_dtype)
@@ -122,6 +147,52 @@ def w4a4_gemm(qx, ascales, qweight, wscales, lr=None, proj_up=None, bias=None, o
     return _epilogue(acc, lr, proj_up, bias, out_dtype)
 
 
+def progressive_limit(k: int) -> int:
+    """Largest integer group scale for K input channels: |sum_g s1_g (qx_g . qw_g)| <= K * 127 * 8 * limit < 2^31,
+    so the W4A8 kernel's int32 accumulator is exact (127 up to K = 16640)."""
+    return max(1, min(127, (2 ** 31 - 1) // (k * 127 * 8)))
+
+
+def progressive_scales(wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales (G, N) -> (s1 int16 (G, N) in [0, limit], s0 float32 (N,)) with s1 * s0 ~ wscales (QServe's
+    progressive group quantization: the groups' scales become integers under one float scale per channel, so the
+    W4A8 GEMM applies them in integer arithmetic). s0 = max_g wscales / limit: the largest group keeps its scale,
+    a group at 1/10 of it is off by up to 1/25 (limit 127)."""
+    g, _ = wscales.shape
+    limit = progressive_limit(g * 64)
+    s = wscales.float()
+    s0 = s.amax(dim=0) / limit
+    s1 = torch.where(s0 > 0, torch.round(s / torch.where(s0 > 0, s0, 1.0)), torch.zeros_like(s))
+    return s1.clamp_(0, limit).to(torch.int16), s0
+
+
+def w4a8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=torch.bfloat16, s0=None):
+    """int8 activations x int4 weights (W4A8): qx int8 (M, K), xscales f32 (M,), qweight uint8 (N, K/2) -> (M, N).
+    wscales 16-bit float (G, N): per-group float rescale, acc = sum_g float(qx_g . qw_g) * wscales_g in group
+    order, out = acc * xscales. wscales int16 (G, N) with s0 float32 (N,) (progressive_scales): the group scales
+    in integer arithmetic, acc = sum_g s1_g (qx_g . qw_g) exact, out = float(acc) * (xscales * s0). Then the
+    branch and bias."""
+    m, k = qx.shape
+    groups = wscales.shape[0]
+    gs = k // groups
+    qw = unpack_int4(qweight).float()
+    xf = qx.float()
+    progressive = not wscales.is_floating_point()
+    acc = torch.zeros(m, qw.shape[0], dtype=torch.int64 if progressive else torch.float32, device=qx.device)
+    for g in range(groups):
+        sl = slice(g * gs, (g + 1) * gs)
+        dot = xf[:, sl] @ qw[:, sl].t()  # exact: |values| < 2^24
+        if progressive:
+            acc = acc + dot.long() * wscales[g].long().unsqueeze(0)
+        else:
+            acc = acc + dot * wscales[g].float().unsqueeze(0)
+    if progressive:
+        out = acc.float() * (xscales.unsqueeze(1) * s0.float().unsqueeze(0))
+    else:
+        out = acc * xscales.unsqueeze(1)
+    return _epilogue(out, lr, proj_up, bias, out_dtype)
+
+
 def dequant_int4(qweight, wscales, wzeros=None, dtype=None):
     """(N, K/2) int4 + (G, N) scales [+ (G, N) zeros] -> (N, K) weight: q * s + z, rounded to dtype."""
     q = unpack_int4(qweight).float()
@@ -133,19 +204,19 @@ def dequant_int4(qweight, wscales, wzeros=None, dtype=None):
     return w.to(dtype or wscales.dtype)
 
 
-def w4a16_gemm(x, qweight, wscales, wzeros=None, bias=None, out_dtype=None):
-    """x (M, K) -> (M, N): x @ dequant(W)^T with both operands in the compute dtype."""
+def w4a16_gemm(x, qweight, wscales, wzeros=None, bias=None, out_dtype=None, lr=None, proj_up=None):
+    """x (M, K) -> (M, N): x @ dequant(W)^T with both operands in the compute dtype [+ a run-time low-rank
+    branch lr @ proj_up^T (LoRAs on W4A16 layers)] + bias."""
     cdt = wscales.dtype
     w = dequant_int4(qweight, wscales, wzeros, cdt)
-    acc = x.to(cdt).float() @ w.float().t()
-    return _epilogue(acc, None, None, bias, out_dtype or x.dtype)
+    return _epilogue(dot32(x.to(cdt), w.t()), lr, proj_up, bias, out_dtype or x.dtype)
 
 
 def ternary_gemm(x, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=None):
     """16-bit activations: x (M, K), qweight uint8 (N, K/4), wscales (N,) -> (M, N)."""
     cdt = wscales.dtype
     t = unpack_ternary(qweight).float()
-    acc = (x.to(cdt).float() @ t.t()) * wscales.float().unsqueeze(0)
+    acc = dot32(x.to(cdt), t.t()) * wscales.float().unsqueeze(0)
     return _epilogue(acc, lr, proj_up, bias, out_dtype or x.dtype)
 
 
@@ -168,12 +239,12 @@ def int4_fp8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias=Non
     acc = torch.zeros(m, qw.shape[0], dtype=torch.float32, device=qx.device)
     for g in range(groups):
         sl = slice(g * gs, (g + 1) * gs)
-        acc = acc + (xf[:, sl] @ qw[:, sl].t()) * wscales[g].float().unsqueeze(0)
+        acc = acc + dot32(xf[:, sl], qw[:, sl].t()) * wscales[g].float().unsqueeze(0)
     return _epilogue(acc * xscales.unsqueeze(1), lr, proj_up, bias, out_dtype)
 
 
 def ternary_fp8_gemm(qx, xscales, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=torch.bfloat16):
     """FP8 activations x ternary weights: qx float8_e4m3fn (M, K), xscales f32 (M,) -> (M, N)."""
     t = unpack_ternary(qweight).float()
-    acc = (qx.float() @ t.t()) * (xscales.unsqueeze(1) * wscales.float().unsqueeze(0))
+    acc = dot32(qx.float(), t.t()) * (xscales.unsqueeze(1) * wscales.float().unsqueeze(0))
     return _epilogue(acc, lr, proj_up, bias, out_dtype)

@@ -1,11 +1,13 @@
 """SVDQuant activation kernel: per-token int4 quantization in groups fused with the low-rank down projection.
 
 Grid (token blocks x K splits): each program reads its (BLOCK_M, group) tiles once, with 16-byte loads, writes
-codes and scales and feeds the same tile to `x @ proj_down`. Where there are few token blocks K is split
-across programs; their float32 partials of the down projection are summed in split order by the last one
-(triton_splitk.py). Codes stay int8, one per byte: the W4A4 GEMM keeps its only register operand for the
-decoded weight and takes these straight from shared memory. Scales are stored (groups, M): the GEMM reads
-one contiguous row per group. Rounding is pinned as in reference.py (triton_rounding.py).
+codes and scales and feeds the same tile to `x @ proj_down`. The down projection (float32, reference.lora_down)
+is summed in LR_CHUNKS fixed chunks of K, each from zero, the chunks then added in order, whether or not K is
+split: where there are few token blocks K is split across programs (on chunk boundaries), each chunk's partial
+stored and summed in chunk order by the last program to arrive (triton_splitk.py). So a token's lr does not
+depend on how many tokens share the call (which sets the split count). Codes stay int8, one per byte: the W4A4
+GEMM keeps its only register operand for the decoded weight and takes these straight from shared memory. Scales
+are stored (groups, M): the GEMM reads one contiguous row per group. Rounding is pinned as in reference.py (triton_rounding.py).
 """
 import weakref
 
@@ -22,6 +24,8 @@ from .tuning import launch
 CONFIGS = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 32, "num_warps": 4, "num_stages": 3},
            {"BLOCK_M": 16, "num_warps": 2, "num_stages": 4}]
 MIN_GROUPS_PER_SPLIT = 4
+LR_CHUNKS = 4  # chunks of K the down projection is summed in (and the most programs K is split over)
+_LR_CHUNKS = tl.constexpr(LR_CHUNKS)
 
 
 @triton.autotune(configs(CONFIGS, {"BLOCK_M": 16, "num_warps": 4}), key=["M_KEY", "K", "R", "NSPLIT"],
@@ -36,37 +40,43 @@ def _act_int4_kernel(x_ptr, rsmooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, part_pt
     offs_r = tl.arange(0, BLOCK_R)
     row_ok = offs_m < M
     G = K // GS
-    per = tl.cdiv(G, NSPLIT)
-    lacc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for g in range(pid_s * per, tl.minimum(pid_s * per + per, G)):
-        offs_k = g * GS + tl.arange(0, GS)
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
-        uns = (UNSIGNED == 1) | ((UNSIGNED == 2) & (g * GS >= U_FROM))  # shifted input, codes 0..15
-        xs = x.to(tl.float32)
-        if UNSIGNED != 0:
-            xs = xs + tl.where(uns, ACT_SHIFT_C, 0.0)
-        if HAS_SMOOTH:
-            xs = xs * tl.load(rsmooth_ptr + offs_k)[None, :]
-        scale, rscale = group_rscale(tl.max(tl.abs(xs), axis=1), tl.where(uns, RCP15, RCP7))
-        q = round_to_int8(xs * rscale[:, None], tl.where(uns, 0.0, -8.0))
-        tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=row_ok[:, None])
-        tl.store(s_ptr + g * M + offs_m, scale, mask=row_ok)
+    CG = tl.cdiv(G, _LR_CHUNKS)  # groups per chunk
+    chunks = tl.cdiv(G, CG)
+    per = tl.cdiv(chunks, NSPLIT)
+    lr_ptrs = offs_m[:, None] * R + offs_r[None, :]
+    lr_mask = row_ok[:, None] & (offs_r[None, :] < R)
+    total = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for c in range(pid_s * per, tl.minimum(pid_s * per + per, chunks)):
+        lacc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        for g in range(c * CG, tl.minimum(c * CG + CG, G)):
+            offs_k = g * GS + tl.arange(0, GS)
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+            uns = (UNSIGNED == 1) | ((UNSIGNED == 2) & (g * GS >= U_FROM))  # shifted input, codes 0..15
+            xs = x.to(tl.float32)
+            if UNSIGNED != 0:
+                xs = xs + tl.where(uns, ACT_SHIFT_C, 0.0)
+            if HAS_SMOOTH:
+                xs = xs * tl.load(rsmooth_ptr + offs_k)[None, :]
+            scale, rscale = group_rscale(tl.max(tl.abs(xs), axis=1), tl.where(uns, RCP15, RCP7))
+            q = round_to_int8(xs * rscale[:, None], tl.where(uns, 0.0, -8.0))
+            tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=row_ok[:, None])
+            tl.store(s_ptr + g * M + offs_m, scale, mask=row_ok)
+            if HAS_LR:
+                d = tl.load(down_ptr + offs_k[:, None] * R + offs_r[None, :], mask=offs_r[None, :] < R, other=0.0)
+                lacc = dot16(x if x.dtype == d.dtype else cast(x.to(tl.float32), d.dtype), d, lacc)
         if HAS_LR:
-            d = tl.load(down_ptr + offs_k[:, None] * R + offs_r[None, :], mask=offs_r[None, :] < R, other=0.0)
-            lacc = dot16(x if x.dtype == d.dtype else cast(x.to(tl.float32), d.dtype), d, lacc)
+            if NSPLIT == 1:
+                total += lacc
+            else:
+                tl.store(part_ptr + c * M * R + lr_ptrs, lacc, mask=lr_mask)
     if HAS_LR:
-        lr_ptrs = offs_m[:, None] * R + offs_r[None, :]
-        lr_mask = row_ok[:, None] & (offs_r[None, :] < R)
         if NSPLIT == 1:
-            tl.store(lr_ptr + lr_ptrs, cast(lacc, lr_ptr.dtype.element_ty), mask=lr_mask)
-        else:
-            tl.store(part_ptr + pid_s * M * R + lr_ptrs, lacc, mask=lr_mask)
-            if arrived_last(cnt_ptr, pid_m, NSPLIT):
-                total = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-                for s in range(0, NSPLIT):
-                    total += load_partial(part_ptr + s * M * R + lr_ptrs, lr_mask)
-                tl.store(lr_ptr + lr_ptrs, cast(total, lr_ptr.dtype.element_ty), mask=lr_mask)
-                reset_arrivals(cnt_ptr, pid_m)
+            tl.store(lr_ptr + lr_ptrs, total, mask=lr_mask)
+        elif arrived_last(cnt_ptr, pid_m, NSPLIT):
+            for c in range(0, chunks):
+                total += load_partial(part_ptr + c * M * R + lr_ptrs, lr_mask)
+            tl.store(lr_ptr + lr_ptrs, total, mask=lr_mask)
+            reset_arrivals(cnt_ptr, pid_m)
 
 
 _RSMOOTH = {}
@@ -84,11 +94,18 @@ def reciprocal_smooth(smooth):
     return rs
 
 
+def lr_chunks(groups: int) -> int:
+    """Chunks of K the down projection is summed in (the kernel's `chunks`)."""
+    return triton.cdiv(groups, triton.cdiv(groups, LR_CHUNKS))
+
+
 def k_splits(m: int, groups: int, device) -> int:
-    """Programs per token block along K: enough for ~4 per SM counting 32-token blocks, each >= 4 groups."""
+    """Programs per token block along K: enough for ~4 per SM counting 32-token blocks, each >= 4 groups, on
+    chunk boundaries (at most LR_CHUNKS)."""
     want = triton.cdiv(4 * sm_count(device), triton.cdiv(m, 32))
-    n = max(1, min(want, groups // MIN_GROUPS_PER_SPLIT))
-    return triton.cdiv(groups, triton.cdiv(groups, n))  # no empty split
+    chunks = lr_chunks(groups)
+    n = max(1, min(want, groups // MIN_GROUPS_PER_SPLIT, chunks))
+    return triton.cdiv(chunks, triton.cdiv(chunks, n))  # no empty split
 
 
 def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
@@ -102,13 +119,13 @@ def quantize_act_int4(x, smooth, proj_down=None, group_size=64, unsigned=False):
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(groups, m, dtype=torch.float32, device=x.device).t()  # (M, G) view, stored (G, M)
     r = 0 if proj_down is None else proj_down.shape[1]
-    lr = None if proj_down is None else torch.empty(m, r, dtype=proj_down.dtype, device=x.device)
+    lr = None if proj_down is None else torch.empty(m, r, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s, lr
     nsplit = k_splits(m, groups, x.device)
     part = cnt = x
     if lr is not None and nsplit > 1:
-        part = torch.empty(nsplit, m, r, dtype=torch.float32, device=x.device)
+        part = torch.empty(lr_chunks(groups), m, r, dtype=torch.float32, device=x.device)
         cnt = tile_counters(x.device, triton.cdiv(m, 16))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), nsplit)
     launch("act_int4", _act_int4_kernel, grid, x.device, dict(K=k, R=r, M=m_bucket(m)),

@@ -52,13 +52,14 @@ def m_bucket(m: int) -> int:
 
 
 def check_rank(lr, proj_up, what):
+    """(lr float32, proj_up) contiguous, or (None, None); lr may come in 16 bits (exact in float32)."""
     if lr is None:
         return None, None
     r = proj_up.shape[1]
     if r % 16 or r > MAX_RANK or lr.shape[1] != r:
         raise ValueError(f"{what}: low-rank branch rank must be a multiple of 16 up to {MAX_RANK} "
                          f"(lr {tuple(lr.shape)}, proj_up {tuple(proj_up.shape)})")
-    return lr.to(proj_up.dtype).contiguous(), proj_up.contiguous()
+    return lr.float().contiguous(), proj_up.contiguous()
 
 
 @triton.jit
@@ -82,6 +83,22 @@ def cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def split16(v, dtype: tl.constexpr):
+    """float32 -> (hi, lo) in a 16-bit dtype as reference.split16: hi = v rounded, lo = (v - hi) rounded
+    (v - hi is exact in float32)."""
+    hi = cast(v, dtype)
+    return hi, cast(v - hi.to(tl.float32), dtype)
+
+
+@triton.jit
+def up_branch_t(acc, up, lr_t):
+    """acc + up @ lr_t for a (BLOCK_N, BLOCK_R) 16-bit proj_up tile and a float32 (BLOCK_R, BLOCK_M) lr^T tile:
+    lr as its two 16-bit halves (split16), two 16-bit dots into the float32 accumulator."""
+    hi, lo = split16(lr_t, up.dtype)
+    return dot16(up, lo, dot16(up, hi, acc))
+
+
+@triton.jit
 def swizzle(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Program id -> (pid_m, pid_n), GROUP_M row blocks at a time so weight tiles stay in L2."""
     pid = tl.program_id(0)
@@ -94,36 +111,10 @@ def swizzle(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.cons
 
 
 @triton.jit
-def lowrank_bias(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R,
-                 HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc + lr @ proj_up^T (16-bit operands, float32 sum) + bias, as reference._epilogue."""
-    if HAS_LR:  # accumulated straight into acc (no second accumulator tile: register pressure)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            a = tl.load(lr_ptr + offs_m[:, None] * R + offs_r[None, :],
-                        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-            b = tl.load(up_ptr + offs_n[None, :] * R + offs_r[:, None],
-                        mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-            acc = dot16(a, b, acc)
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
-def store_tile(out_ptr, acc, offs_m, offs_n, M, N, ATOMIC: tl.constexpr):
-    ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=mask)
-    else:
-        tl.store(ptrs, cast(acc, out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R,
                    HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """lowrank_bias for a transposed tile acc (BLOCK_N, BLOCK_M): + proj_up @ lr^T + bias[:, None]."""
+    """acc (BLOCK_N, BLOCK_M), a transposed output tile, + proj_up @ lr^T (float32 lr, up_branch_t) +
+    bias[:, None], as reference._epilogue; accumulated straight into acc (no second tile: register pressure)."""
     if HAS_LR:
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -131,7 +122,7 @@ def lowrank_bias_t(acc, lr_ptr, up_ptr, bias_ptr, offs_m, offs_n, M, N, R,
                         mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
             b = tl.load(lr_ptr + offs_m[None, :] * R + offs_r[:, None],
                         mask=(offs_m[None, :] < M) & (offs_r[:, None] < R), other=0.0)
-            acc = dot16(a, b, acc)
+            acc = up_branch_t(acc, a, b)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     return acc

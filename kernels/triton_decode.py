@@ -269,3 +269,15 @@ def int4_tile_i8(words, DOT_ORDER: tl.constexpr):
     hi = words & -252645136  # element 8i + 2b + 1, x16
     d = tl.join(_bytes(_prmt(lo, hi, 0x5140)), _bytes(_prmt(lo, hi, 0x7362)))  # (BN, words, byte (2), unit)
     return _order(d.permute(0, 1, 4, 2, 3), BN, words.shape[1] * 8, 8, 4, DOT_ORDER)
+
+
+@triton.jit
+def int4_tile_s8(words, DOT_ORDER: tl.constexpr):
+    """int4_tile_i8 without the x16: the values themselves (the W4A8 kernel's int32 sum over all of K must not
+    carry a factor 16). Each byte's nibble n is sign-extended with 32-bit ops and no carry between bytes:
+    ((n ^ 8) + 0x78) ^ 0x80 = n - 16 [n >= 8]."""
+    BN: tl.constexpr = words.shape[0]
+    lo = (((words & 0x0F0F0F0F) ^ 0x08080808) + 0x78787878) ^ -2139062144  # element 8i + 2b in byte b
+    hi = ((((words >> 4) & 0x0F0F0F0F) ^ 0x08080808) + 0x78787878) ^ -2139062144  # element 8i + 2b + 1
+    d = tl.join(_bytes(_prmt(lo, hi, 0x5140)), _bytes(_prmt(lo, hi, 0x7362)))
+    return _order(d.permute(0, 1, 4, 2, 3), BN, words.shape[1] * 8, 8, 4, DOT_ORDER)

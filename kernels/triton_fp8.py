@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import cast, check_rank, configs, dot16, m_bucket, prune_by_m, swizzle
+from .triton_common import cast, check_rank, configs, m_bucket, prune_by_m, swizzle, up_branch_t
 from .triton_decode import (INT4_E4M3_UNIT, TERNARY_E4M3_UNIT, TERNARY_ZEROS_WORD, load_packed, unpack_int4_e4m3,
                             unpack_ternary_e4m3)
 from .tuning import launch
@@ -44,7 +44,7 @@ def _epilogue(acc, offs_m, offs_n, xs_ptr, ws_ptr, lr_ptr, up_ptr, bias_ptr, out
                          other=0.0)
             lrt = tl.load(lr_ptr + offs_m[None, :] * R + offs_r[:, None],
                           mask=(offs_m[None, :] < M) & (offs_r[:, None] < R), other=0.0)
-            acc = dot16(up, lrt, acc)
+            acc = up_branch_t(acc, up, lrt)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], cast(acc, out_ptr.dtype.element_ty),

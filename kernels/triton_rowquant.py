@@ -1,5 +1,6 @@
 """Per-token activation quantization over all of K, fused with the low-rank down projection: int8 codes for
-ternary_int8, e4m3 codes (after smoothing) for the FP8 GEMMs; also the down projection alone (lora_down).
+ternary_int8 and (after smoothing) the W4A8 GEMM, e4m3 codes (after smoothing) for the FP8 GEMMs; also the down
+projection alone (lora_down).
 Rounding pinned as in reference.py (triton_rounding.py)."""
 import torch
 import triton
@@ -38,8 +39,7 @@ def _row_quant_kernel(x_ptr, smooth_ptr, down_ptr, q_ptr, s_ptr, lr_ptr, M, K, R
                         mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)
             lacc = dot16(cast(x.to(tl.float32), d.dtype), d, lacc)
     if HAS_LR:
-        tl.store(lr_ptr + offs_m[:, None] * R + offs_r[None, :], cast(lacc, lr_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_r[None, :] < R))
+        tl.store(lr_ptr + offs_m[:, None] * R + offs_r[None, :], lacc, mask=row_ok[:, None] & (offs_r[None, :] < R))
     if CODES != _NONE:
         scale, rscale = group_rscale(amax, RCP127 if CODES == _INT8 else RCP448)
         tl.store(s_ptr + offs_m, scale, mask=row_ok)
@@ -69,7 +69,7 @@ def _row_quant(x, smooth, proj_down, codes, what):
     s = None if dtype is None else torch.empty(m, dtype=torch.float32, device=x.device)
     block_r = rank_block(proj_down, what)
     r = 0 if proj_down is None else proj_down.shape[1]
-    lr = None if proj_down is None else torch.empty(m, r, dtype=proj_down.dtype, device=x.device)
+    lr = None if proj_down is None else torch.empty(m, r, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s, lr
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
@@ -81,9 +81,9 @@ def _row_quant(x, smooth, proj_down, codes, what):
     return q, s, lr
 
 
-def quantize_act_int8(x, proj_down=None):
-    """See reference.quantize_act_int8."""
-    return _row_quant(x, None, proj_down, INT8, "quantize_act_int8")
+def quantize_act_int8(x, proj_down=None, smooth=None):
+    """See reference.quantize_act_int8; the down projection is computed in the same pass."""
+    return _row_quant(x, smooth, proj_down, INT8, "quantize_act_int8")
 
 
 def quantize_act_fp8(x, smooth=None, proj_down=None):

@@ -10,8 +10,9 @@ weight has too few row blocks to fill the GPU, the last program of a tile summin
 split order (triton_splitk.py): one launch. Dequant path (many tokens): a Triton kernel writes the layer's
 16-bit weight (a per-call temporary) and the vendor GEMM multiplies; which path runs per GPU, shape and
 token count is in wonly_path(). The temporary is one layer's weight, freed after the call (PyTorch's caching
-allocator keeps the block for the next layer): N x (K + rank) x 2 bytes, 132 MB at FLUX's largest layer
-(linear1, 21504 x 3072), 84 MB at T5-XXL's feed-forward (10240 x 4096).
+allocator keeps the block for the next layer): N x (K + 2 rank) x 2 bytes, 132 MB at FLUX's largest layer
+(linear1, 21504 x 3072), 84 MB at T5-XXL's feed-forward (10240 x 4096). The low-rank branch rides along as
+2 rank extra K columns: the float32 lr as its two 16-bit halves (reference.split16), proj_up twice.
 """
 import torch
 import triton
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from .triton_common import (INTERPRET, _UPCAST, check_rank, configs, dot16, lowrank_bias_t, m_bucket, prune_by_m,
                             sm_count, store_tile_t, swizzle)
+from .reference import split16
 from .triton_decode import dot_k_order, int4_tile, load_words, ternary_tile
 from .triton_splitk import reset_arrivals, split_total, tile_counters
 from .tuning import launch, lookup
@@ -168,7 +170,8 @@ def _fused(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype, ternary, g
 def _dequant_kernel(w_ptr, ws_ptr, wz_ptr, up_ptr, out_ptr, N, K, R, W_ROW, OUT_ROW,
                     TERNARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_UP: tl.constexpr, GS: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr):
-    """out[:, :K] = the 16-bit weight (W4A16: q * s (+ z); ternary: t * scale, exact); out[:, K:] = proj_up."""
+    """out[:, :K] = the 16-bit weight (W4A16: q * s (+ z); ternary: t * scale, exact); out[:, K:K+R] and
+    out[:, K+R:K+2R] = proj_up."""
     pid_n, step = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cdt: tl.constexpr = ws_ptr.dtype.element_ty
@@ -191,30 +194,31 @@ def _dequant_kernel(w_ptr, ws_ptr, wz_ptr, up_ptr, out_ptr, N, K, R, W_ROW, OUT_
             mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
             up = tl.load(up_ptr + offs_n[:, None] * R + offs_r[None, :], mask=mask)
             tl.store(out_ptr + offs_n[:, None] * OUT_ROW + K + offs_r[None, :], up, mask=mask)
+            tl.store(out_ptr + offs_n[:, None] * OUT_ROW + K + R + offs_r[None, :], up, mask=mask)
 
 
 def dequantize(qweight, wscales, wzeros=None, proj_up=None, ternary=False):
-    """The layer's weight in its compute dtype, (N, K), with proj_up appended as (N, K + r) columns if given:
-    reference.dequant_int4 (W4A16) or unpack_ternary(W) * wscales (ternary), exact."""
+    """The layer's weight in its compute dtype, (N, K), with proj_up appended twice as (N, K + 2r) columns if
+    given: reference.dequant_int4 (W4A16) or unpack_ternary(W) * wscales (ternary), exact."""
     qweight = _aligned(qweight)
     n = qweight.shape[0]
     k = qweight.shape[1] * (4 if ternary else 2)
     r = 0 if proj_up is None else proj_up.shape[1]
     gs = 64 if ternary else k // wscales.shape[0]
-    out = torch.empty(n, k + r, dtype=wscales.dtype, device=qweight.device)
+    out = torch.empty(n, k + 2 * r, dtype=wscales.dtype, device=qweight.device)
     c = DEQUANT_CONFIG
     grid = (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(k, c["KB"] * (4 if ternary else 2)))
     _dequant_kernel[grid](qweight, wscales, out if wzeros is None else wzeros, out if proj_up is None else proj_up,
-                          out, n, k, r, qweight.shape[1] // 4, k + r, TERNARY=ternary, HAS_Z=wzeros is not None,
+                          out, n, k, r, qweight.shape[1] // 4, k + 2 * r, TERNARY=ternary, HAS_Z=wzeros is not None,
                           HAS_UP=proj_up is not None, GS=gs, BLOCK_R=max(16, triton.next_power_of_2(r)), **c)
     return out
 
 
 def _dequant_gemm(x, qweight, wscales, wzeros, lr, proj_up, bias, ternary):
     """x @ W^T (+ lr @ proj_up^T) + bias through the vendor GEMM on the dequantized weight: float32 accumulation,
-    one rounding (the branch rides along as r extra K columns)."""
+    one rounding (the branch rides along as 2r extra K columns: [x | hi | lo] @ [W | up | up]^T)."""
     w = dequantize(qweight, wscales, wzeros, proj_up, ternary)
-    a = x if lr is None else torch.cat([x, lr], dim=1)
+    a = x if lr is None else torch.cat([x, *split16(lr, x.dtype)], dim=1)
     return a @ w.t() if bias is None else torch.addmm(bias, a, w.t())
 
 
@@ -259,14 +263,14 @@ def _launch(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype, ternary, 
     return _fused(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype, ternary, gs)
 
 
-def w4a16_gemm(x, qweight, wscales, wzeros=None, bias=None, out_dtype=None):
+def w4a16_gemm(x, qweight, wscales, wzeros=None, bias=None, out_dtype=None, lr=None, proj_up=None):
     """See reference.w4a16_gemm (group size K / wscales.shape[0]: a power of two >= 64)."""
     k = x.shape[1]
     gs = k // wscales.shape[0]
     if qweight.shape[1] * 2 != k or gs * wscales.shape[0] != k or gs < 64 or gs & (gs - 1):
         raise ValueError(f"w4a16_gemm: shapes x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
                          f"wscales {tuple(wscales.shape)} do not match (group size must be a power of two >= 64)")
-    return _launch(x, qweight, wscales, wzeros, None, None, bias, out_dtype or x.dtype, False, gs, "w4a16_gemm")
+    return _launch(x, qweight, wscales, wzeros, lr, proj_up, bias, out_dtype or x.dtype, False, gs, "w4a16_gemm")
 
 
 def ternary_gemm(x, qweight, wscales, lr=None, proj_up=None, bias=None, out_dtype=None):

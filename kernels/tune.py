@@ -20,7 +20,7 @@ BLOCK_SHAPES = [("block", k, n) for name, k, n in FLUX_SHAPES if name != "mod.li
 W4A16_SHAPES = [("w4a16", k, n) for k, n in ((3072, 18432), (3072, 9216), (4096, 4096), (4096, 10240), (10240, 4096))]
 TINY_SHAPES = [("block", 256, 64), ("w4a16", 256, 64)]
 W4A16_MAX_M = 1024  # modulation runs at batch-size tokens, T5 at 512 per prompt
-KERNELS = ("act_int4", "w4a4", "ternary", "ternary_int8", "w4a16", "act_fp8", "fp8_int4", "fp8_ternary")
+KERNELS = ("act_int4", "w4a4", "ternary", "ternary_int8", "w4a16", "act_fp8", "fp8_int4", "fp8_ternary", "w4a8")
 
 
 @contextlib.contextmanager
@@ -49,7 +49,8 @@ def _seconds(fn):
 def _ops(kind, k, n, m, rank, device):
     """(kernel name, shape fields, shipped configs, callable) for each tuned kernel at this shape; a '*_path'
     name's configs are the paths of a weight-only layer (timed after its fused kernel's best config is known)."""
-    from . import triton_act, triton_fp8, triton_rowquant, triton_ternary, triton_w4a4, triton_wonly
+    from . import triton_act, triton_fp8, triton_rowquant, triton_ternary, triton_w4a4, triton_w4a8, triton_wonly
+    from .reference import progressive_scales
     from .dispatch import fp8_supported
 
     g = torch.Generator(device).manual_seed(0)
@@ -85,6 +86,11 @@ def _ops(kind, k, n, m, rank, device):
             lambda: triton_rowquant.quantize_act_int8(x, down)),
            ("ternary_int8", dict(N=n, K=k, R=rank, M=bucket), triton_ternary.CONFIGS,
             lambda: triton_ternary.ternary_int8_gemm(q8, s8, tw, tws, lr8, up))]
+    qs8, ss8, _ = triton_rowquant.quantize_act_int8(x, down, smooth)
+    s1, s0 = progressive_scales(ws)
+    for p, scales in ((0, dict(wscales=ws)), (1, dict(wscales=s1, s0=s0))):  # the int8 mode's two inner loops
+        ops.append(("w4a8", dict(N=n, K=k, R=rank, M=bucket, P=p), triton_w4a8.CONFIGS,
+                    lambda scales=scales: triton_w4a8.w4a8_gemm(qs8, ss8, qw, lr=lr8, proj_up=up, **scales)))
     if not (fp8_supported(device) or torch.device(device).type == "cpu"):  # FP8 kernels: sm_89+ (or interpreted)
         return ops
     qf, sf, lrf = triton_rowquant.quantize_act_fp8(x, smooth, down)

@@ -55,8 +55,9 @@ def _backend_wrapper(backend: str):
 
 
 ACTIVATIONS_TIP = ("Activation quantization of the 4-bit and ternary layers (the weights are the same): int4 is "
-                   "SVDQuant's own; fp8 (e4m3 per token) is more accurate and uses FP8 tensor cores (NVIDIA RTX 40xx / "
-                   "H100 and newer); auto picks fp8 where the GPU has them, else int4.")
+                   "SVDQuant's own; int8 (per token, int8 tensor cores, any recent GPU) and fp8 (e4m3 per token, FP8 "
+                   "tensor cores: RTX 40xx / H100 and newer) are more accurate; auto picks per GPU family (int8 on "
+                   "RTX 30/40/50 and A100, fp8 on H100/H200), int4 on the CPU.")
 
 
 def _set_activations(model, mode: str, device) -> None:

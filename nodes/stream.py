@@ -110,7 +110,7 @@ class Streamed:
         self.bias = orig["bias"] if orig else buf.get("bias")
         self.nbytes = comfy.memory_management.vram_aligned_size([self.weight, self.bias])
         self.lora = None  # {"proj_down", "proj_up", "bias"} from set_lora, on the load device
-        self.fp8 = {}  # device -> float32 shift compensation for fp8 activations on act_unsigned layers
+        self.shift_comp = {}  # device -> float32 shift compensation (fp8 / int8 activations on act_unsigned layers)
 
     def __deepcopy__(self, memo):
         # a deep copy of the model (ComfyUI's multi-GPU clones) gets companions of its own tensors at its first load
@@ -214,11 +214,11 @@ def forward(module, s: Streamed, x: torch.Tensor) -> torch.Tensor:
             # compute with the module's own tensors, which are host tensors under DynamicVRAM
             weight, bias = s.weight, s.bias
         t = s.tensors(weight, bias)
-        if module.activations == "fp8" and isinstance(module, SVDQW4A4Linear) and module._options["act_unsigned"]:
-            comp = s.fp8.get(x.device)
+        if module.activations in ("fp8", "int8") and isinstance(module, SVDQW4A4Linear) and module._options["act_unsigned"]:
+            comp = s.shift_comp.get(x.device)
             if comp is None:
-                comp = s.fp8[x.device] = module.shift_compensation(t)
-            t["fp8_bias"] = comp if t["bias"] is None else t["bias"].float() + comp
+                comp = s.shift_comp[x.device] = module.shift_compensation(t)
+            t["shift_comp"] = comp
         for k in ("proj_down", "proj_up", "bias"):  # LoRA columns were made on the load device
             if t[k] is not None and t[k].device != x.device:
                 t[k] = t[k].to(x.device)

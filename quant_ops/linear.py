@@ -7,12 +7,17 @@ from ..kernels.reference import ACT_SHIFT, dequant_int4
 from .formats import TernaryWeights, W4A4Weights, W4A16Weights
 
 
+# non-persistent buffers computed from a layer's tensors for an activation mode, dropped when those change
+DERIVED = ("shift_comp", "int8_s1", "int8_s0")
+
+
 class LowBitLinear(nn.Module):
     """Base: the buffers are the format's tensors under the same names as in a checkpoint."""
 
     FORMAT_CLS = None
     VALUES_PER_BYTE = 2
     activations = "int4"  # run-time activation mode (quant_ops/activations.py), never in a checkpoint
+    int8_progressive = False  # int8 mode of svdq_w4a4: integer group scales (kernels.progressive_scales)
 
     def __init__(self, packed):
         super().__init__()
@@ -49,7 +54,8 @@ class LowBitLinear(nn.Module):
         packed = self.FORMAT_CLS.from_tensors(found, self._options, layer=prefix.rstrip("."))
         for k in self.FORMAT_CLS.TENSORS:
             setattr(self, k, getattr(packed, k))
-        self._buffers.pop("fp8_bias", None)
+        for k in DERIVED:
+            self._buffers.pop(k, None)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
@@ -94,16 +100,19 @@ class LowBitLinear(nn.Module):
 
     def copy_to(self, device) -> "LowBitLinear":
         """A plain lowbit module holding copies of this one's tensors on `device` (runtime branch, activation
-        mode and FP8 bias included: the bias is computed once here, not on every offloaded call)."""
-        if self.activations == "fp8" and isinstance(self, SVDQW4A4Linear):
-            self._fp8_bias()
+        mode and the tensors derived for it included: computed once here, not on every offloaded call)."""
+        if self.activations in ("fp8", "int8") and isinstance(self, SVDQW4A4Linear):
+            self._unshifted_bias(self.forward_tensors())
+            if self.activations == "int8":
+                self._int8_scales(self.forward_tensors())
         m = module_from_packed(self.packed().to(device=device))
         down, up = self.branch()
         if down is not None and "proj_down" not in self.FORMAT_CLS.TENSORS:
             m.set_branch(down.to(device), up.to(device))
-        m.activations = self.activations
-        if "fp8_bias" in self._buffers:
-            m.register_buffer("fp8_bias", self.fp8_bias.to(device), persistent=False)
+        m.activations, m.int8_progressive = self.activations, self.int8_progressive
+        for k in DERIVED:
+            if self._buffers.get(k) is not None:
+                m.register_buffer(k, self._buffers[k].to(device), persistent=False)
         return m
 
 
@@ -114,21 +123,46 @@ class SVDQW4A4Linear(LowBitLinear):
         x2 = self._flat(x)
         if self.activations == "fp8":
             q, s, lr = kernels.quantize_act_fp8(x2, t["smooth"], t["proj_down"])
-            bias = t["fp8_bias"] if "fp8_bias" in t else self._fp8_bias()
-            y = kernels.int4_fp8_gemm(q, s, t["weight"], t["wscales"], lr, t["proj_up"], bias, out_dtype=x.dtype)
+            y = kernels.int4_fp8_gemm(q, s, t["weight"], t["wscales"], lr, t["proj_up"], self._unshifted_bias(t),
+                                      out_dtype=x.dtype)
+        elif self.activations == "int8":
+            q, s, lr = kernels.quantize_act_int8(x2, t["proj_down"], t["smooth"])
+            ws, s0 = self._int8_scales(t)
+            y = kernels.w4a8_gemm(q, s, t["weight"], ws, lr, t["proj_up"], self._unshifted_bias(t), out_dtype=x.dtype,
+                                  s0=s0)
         else:
             q, s, lr = self._quantize(x2, t)
             y = kernels.w4a4_gemm(q, s, t["weight"], t["wscales"], lr, t["proj_up"], t["bias"], out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def _fp8_bias(self) -> torch.Tensor | None:
-        """FP8 activations are not shifted, so an unsigned layer gets back the shift's share that the
-        checkpoint folded out of its bias: float_bias(), float32, computed once (non-persistent buffer)."""
+    def _unshifted_bias(self, t: dict) -> torch.Tensor | None:
+        """FP8 and int8 activations are not shifted, so an unsigned layer gets back the shift's share that the
+        checkpoint folded out of its bias: float32 bias + shift_compensation(). The compensation depends on the
+        weights only and is computed once (t["shift_comp"] where the caller keeps it, else a non-persistent buffer);
+        the bias is the current one, LoRA bias patches included."""
+        bias = t["bias"]
         if not self._options["act_unsigned"]:
-            return self.bias
-        if "fp8_bias" not in self._buffers:
-            self.register_buffer("fp8_bias", self.float_bias(), persistent=False)
-        return self.fp8_bias
+            return bias
+        comp = t.get("shift_comp")
+        if comp is None:
+            if self._buffers.get("shift_comp") is None:
+                self.register_buffer("shift_comp", self.shift_compensation(), persistent=False)
+            comp = self.shift_comp
+        return comp if bias is None else bias.float() + comp
+
+    def _int8_scales(self, t: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(group scales, channel scales) for kernels.w4a8_gemm: the checkpoint's wscales (None), or with
+        int8_progressive its integer group scales under float32 channel scales, computed once for the module's own
+        wscales (buffers) and on every call for tensors streamed in from elsewhere."""
+        if not self.int8_progressive:
+            return t["wscales"], None
+        if t["wscales"] is not self._buffers.get("wscales"):
+            return kernels.progressive_scales(t["wscales"])
+        if self._buffers.get("int8_s1") is None:
+            s1, s0 = kernels.progressive_scales(self.wscales)
+            self.register_buffer("int8_s1", s1, persistent=False)
+            self.register_buffer("int8_s0", s0, persistent=False)
+        return self.int8_s1, self.int8_s0
 
     def _quantize(self, x2, t: dict | None = None):
         # act_unsigned_from u > 0: signed channels [0, u), unsigned shifted channels [u, K), one kernel call
@@ -165,21 +199,15 @@ class SVDQW4A4Linear(LowBitLinear):
 class W4A16Linear(LowBitLinear):
     """Weight-only int4. The format has no low-rank branch; `set_branch` adds an optional runtime one
     (non-persistent buffers proj_down / proj_up, used to carry LoRAs), computed like the other formats'
-    branch: out = x W^T + round16(x proj_down) proj_up^T in float32, then + bias."""
+    branch: lr = x proj_down in float32, out = x W^T + lr proj_up^T in float32, then + bias (kernels/reference.py)."""
 
     FORMAT_CLS = W4A16Weights
 
     def forward_with(self, x, t: dict):
         x2 = self._flat(x)
-        down, up, bias = t["proj_down"], t["proj_up"], t["bias"]
-        if down is None:
-            y = kernels.w4a16_gemm(x2, t["weight"], t["wscales"], t["wzeros"], bias, out_dtype=x.dtype)
-        else:
-            y = kernels.w4a16_gemm(x2, t["weight"], t["wscales"], t["wzeros"], None, out_dtype=torch.float32)
-            y = y + kernels.lora_down(x2, down).float() @ up.float().t()
-            if bias is not None:
-                y = y + bias.float()
-            y = y.to(x.dtype)
+        lr = kernels.lora_down(x2, t["proj_down"])
+        y = kernels.w4a16_gemm(x2, t["weight"], t["wscales"], t["wzeros"], t["bias"], out_dtype=x.dtype, lr=lr,
+                               proj_up=t["proj_up"])
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def dequantize(self) -> torch.Tensor:
@@ -200,7 +228,7 @@ class TernaryLinear(LowBitLinear):
         if self.activations == "fp8":
             q, s, lr = kernels.quantize_act_fp8(x2, None, down)
             y = kernels.ternary_fp8_gemm(q, s, w, ws, lr, up, bias, out_dtype=x.dtype)
-        elif self._options["act_int8"]:
+        elif self._options["act_int8"] or self.activations == "int8":
             q, s, lr = kernels.quantize_act_int8(x2, down)
             y = kernels.ternary_int8_gemm(q, s, w, ws, lr, up, bias, out_dtype=x.dtype)
         else:

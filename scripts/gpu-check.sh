@@ -34,11 +34,12 @@ fi
 export TRITON_DEFAULT_FP_FUSION=1
 if [ -n "$DRY" ]; then
     export TRITON_INTERPRET=1 CEIL_DEV=cpu CEIL_SMALL=1
-    TINY=--tiny BENCH="--small --runs 1 --warmup 0" BENCH_M=1,64 MODELS=bf16,svdq_w4a4 TABLES=$WORK/configs TUNE_M="1 40"
+    TINY=--tiny BENCH="--small --runs 1 --warmup 0" BENCH_M=1,64 MODELS=bf16,svdq_w4a4,svdq_w4a4_int8 TABLES=$WORK/configs TUNE_M="1 40"
     F2_M=1,64 F2_FORMATS=--formats=w4a4,ternary F2_MODELS=bf16,svdq_w4a4
 else
-    TINY="" BENCH="" BENCH_M=1,512,4608 MODELS=bf16,svdq_w4a4,svdq_w4a4_fp8,ternary,ternary_fp8 TABLES=kernels/configs TUNE_M="1 512 4608"
-    F2_M=1,4608 F2_FORMATS="" F2_MODELS=bf16,svdq_w4a4,svdq_w4a4_fp8,ternary
+    TINY="" BENCH="" BENCH_M=1,512,4608 TABLES=kernels/configs TUNE_M="1 512 4608"
+    MODELS=bf16,svdq_w4a4,svdq_w4a4_int8,svdq_w4a4_fp8,ternary,ternary_int8,ternary_fp8,svdq_w4a4_int8p
+    F2_M=1,4608 F2_FORMATS="" F2_MODELS=bf16,svdq_w4a4,svdq_w4a4_fp8,svdq_w4a4_int8,ternary
 fi
 F2="$PY -m comfyui_lowbit.cli bench $BENCH --force"
 
@@ -72,6 +73,7 @@ step ceilings 120 bash -c "test -f gpu_tools/gpu-ceilings.py || { echo 'gpu_tool
 step tune 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_int4 w4a4 --out $TABLES && cp $TABLES/*.json $OUT/"
 step tune-fp8 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels act_fp8 fp8_int4 fp8_ternary --out $TABLES && cp $TABLES/*.json $OUT/"
 step tune-weight-only 120 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels ternary ternary_int8 w4a16 --m $TUNE_M --out $TABLES && cp $TABLES/*.json $OUT/"
+step tune-int8 90 bash -c "$PY -m comfyui_lowbit.kernels.tune $TINY --kernels w4a8 --m $TUNE_M --out $TABLES && cp $TABLES/*.json $OUT/"
 # the 32B FLUX.2 [dev] transformer (64 GB of BF16 weights: an 80 GB H100 or an H200), last: the longest build
 step bench-flux2-dev 150 bash -c "$F2 --no-layers --models flux2-dev --model-formats $F2_MODELS --out $WORK/flux2dev && cp $WORK/flux2dev/bench.json $OUT/flux2-dev.json"
 

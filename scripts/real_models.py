@@ -149,10 +149,11 @@ def run_block(block, inp):
 
 
 def activation_mode(model, mode):
-    """Every W4A4 layer with int4 (the format's own) or fp8 activations (e4m3 per token after smoothing), or
-    float: x @ dequantize()^T + float_bias() (the quantized weights, unquantized activations), or aonly: the
-    int4 activations times the float weight's residual W - branch (the activations' error alone)."""
-    set_activations(model, "fp8" if mode == "fp8" else "int4")
+    """Every W4A4 layer with int4 (the format's own), int8 (per token after smoothing; int8p: with the progressive
+    integer group scales) or fp8 activations (e4m3 per token after smoothing), or float: x @ dequantize()^T +
+    float_bias() (the quantized weights, unquantized activations), or aonly: the int4 activations times the float
+    weight's residual W - branch (the activations' error alone)."""
+    set_activations(model, {"fp8": "fp8", "int8": "int8", "int8p": "int8"}.get(mode, "int4"), progressive=mode == "int8p")
     for m in model.modules():
         if isinstance(m, SVDQW4A4Linear):
             m.__dict__.pop("forward", None)
@@ -232,7 +233,8 @@ def main(argv=None):
     p.add_argument("--refine", type=int, default=200, help="block reconstruction steps for 'all+refine'")
     p.add_argument("--damp", type=float, default=None, help="GPTQ / whitening damping (default: the quantizers')")
     p.add_argument("--act-modes", default="int4",
-                   help="W4A4 activation modes to evaluate each variant with: int4, fp8, float, aonly (comma list)")
+                   help="W4A4 activation modes to evaluate each variant with: int4, int8, int8p, fp8, float, aonly "
+                        "(comma list)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -1,5 +1,6 @@
 """What the IR check compiles: every shipped config of every Triton kernel (sm90), one config per kernel variant on
-the other architectures, the properties asserted on sm90, and the known gaps (strict xfails with their reason).
+sm80 and gfx942, the int8 tensor-core GEMMs' first config on sm86, sm89 and sm120 (the consumer GPUs), the
+properties asserted, and the known gaps (strict xfails with their reason).
 
 A kernel module lists its shipped configs as plain dicts (meta-parameters + num_warps/num_stages); add a kernel
 here with its argument types, its constexpr variant(s) and the properties it must meet.
@@ -8,7 +9,8 @@ import importlib
 from dataclasses import dataclass, field
 
 BF, U8, I8, F32, I32 = "*bf16", "*u8", "*i8", "*fp32", "i32"
-ARCHES = ("sm90", "sm80", "gfx942")
+ARCHES = ("sm90", "sm80", "gfx942", "sm86", "sm89", "sm120")
+MMA_SYNC_ARCHES = ("sm80", "sm86", "sm89", "sm120")  # int8 mma.sync (IMMA): Ampere, Ada, GeForce Blackwell
 
 # property -> (description, predicate over ir_check.analyze's counts)
 PROPERTIES = {
@@ -19,6 +21,7 @@ PROPERTIES = {
     "wgmma": ("the main loop's dot is a wgmma", lambda r: r["loop_wgmma"] > 0),
     "no_int_to_float": ("no cvt int -> float in the main loop", lambda r: r["loop_cvt_int_to_float"] == 0),
     "no_spills": ("no spilled registers (ptxas local memory / stack 0)", lambda r: r["spill_bytes"] == 0),
+    "int8_mma": ("int8 tensor-core MMAs (IMMA / IGMMA) in the SASS main loop", lambda r: r["sass_loop_int8_mma"] > 0),
     "vector_loads": ("16-byte loads or copies of the input in the main loop, no scalar ones",
                      lambda r: r["loop_16B_loads"] > 0 and r["loop_ld_global_b16"] == 0),
     "no_div_per_element": ("divisions per group or channel only: at most one per 4 input elements converted",
@@ -90,11 +93,12 @@ def _family(label, module, attr, types, variants, cfgs, checks=GEMM_CHECKS, xfai
 
 def cases(arch: str) -> list:
     first = arch != "sm90"  # other architectures: compile one config per variant
+    int8_gemms_only = arch in ("sm86", "sm89", "sm120")
     sizes = dict(M=I32, N=I32, K=I32, R=I32, M_KEY=I32, W_ROW=I32)
-    lowrank = dict(lr_ptr=BF, up_ptr=BF, bias_ptr=BF)
+    lowrank = dict(lr_ptr=F32, up_ptr=BF, bias_ptr=BF)  # lr float32 (reference.lora_down)
     act, rowquant, w4a4 = _mod("triton_act"), _mod("triton_rowquant"), _mod("triton_w4a4")
     ternary, wonly = _mod("triton_ternary"), _mod("triton_wonly")
-    act_types = dict(x_ptr=BF, rsmooth_ptr=F32, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=BF, M=I32, K=I32, R=I32, M_KEY=I32)
+    act_types = dict(x_ptr=BF, rsmooth_ptr=F32, down_ptr=BF, q_ptr=I8, s_ptr=F32, lr_ptr=F32, M=I32, K=I32, R=I32, M_KEY=I32)
     wonly_types = dict(x_ptr=BF, w_ptr=U8, ws_ptr=BF, wz_ptr=BF, out_ptr=BF, **lowrank, **sizes)
     out = []
     out += _family("act_int4", "triton_act", "_act_int4_kernel",
@@ -106,6 +110,9 @@ def cases(arch: str) -> list:
     out += _family("act_int8", "triton_rowquant", "_row_quant_kernel", rowquant_types,
                    {"lr": dict(rowquant_flags, CODES=rowquant.INT8, HAS_SMOOTH=False)}, rowquant.CONFIGS,
                    ("no_spills",), only_first=first)
+    out += _family("act_int8", "triton_rowquant", "_row_quant_kernel", rowquant_types,  # W4A8's: one config (as fp8's)
+                   {"smooth lr": dict(rowquant_flags, CODES=rowquant.INT8, HAS_SMOOTH=True)}, rowquant.CONFIGS,
+                   ("no_spills",), only_first=True)
     w4a4_types = dict(qx_ptr=I8, as_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr=F32, cnt_ptr="*i32",
                       STRIDE_AG=I32, NSPLIT=I32, **lowrank, **sizes)
     flags = dict(HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32, STRIDE_AM=1)  # scales stored (G, M)
@@ -115,11 +122,23 @@ def cases(arch: str) -> list:
     out += _family("w4a4", "triton_w4a4", "_w4a4_kernel", w4a4_types, {"lr+bias splitk": dict(flags, EVEN_M=False)},
                    [c for c in w4a4.CONFIGS if c["BLOCK_M"] <= w4a4.SMALL_M], GEMM_CHECKS + ("no_int_to_float",),
                    only_first=first)
+    w4a8 = _mod("triton_w4a8")
+    w4a8_types = dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, s0_ptr=F32, out_ptr=BF, cnt_ptr="*i32", NSPLIT=I32, **lowrank,
+                      **sizes)
+    w4a8_flags = dict(HAS_LR=True, HAS_BIAS=True, GS=64, BLOCK_R=32, NSPLIT=1, EVEN_M=True)
+    w4a8_checks = GEMM_CHECKS + ("no_int_to_float",)
+    out += _family("w4a8", "triton_w4a8", "_w4a8_kernel", dict(w4a8_types, ws_ptr=BF, part_ptr=F32),
+                   {"float": dict(w4a8_flags, PROGRESSIVE=False)}, w4a8.CONFIGS, w4a8_checks, only_first=first)
+    out += _family("w4a8", "triton_w4a8", "_w4a8_kernel", dict(w4a8_types, ws_ptr="*i16", part_ptr="*i32"),
+                   {"progressive": dict(w4a8_flags, PROGRESSIVE=True)}, w4a8.CONFIGS, w4a8_checks, only_first=first)
     int8_types = dict(qx_ptr=I8, xs_ptr=F32, w_ptr=U8, ws_ptr=BF, out_ptr=BF, part_ptr="*i32", cnt_ptr="*i32",
                       NSPLIT=I32, **lowrank, **sizes)
     int8_flags = dict(HAS_LR=True, HAS_BIAS=True, BLOCK_R=32, EVEN_K=True)
     out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel", int8_types,
                    {"lr+bias": dict(int8_flags, NSPLIT=1)}, ternary.CONFIGS, WONLY_CHECKS["ternary"], only_first=first)
+    if int8_gemms_only:  # the W4A4, W4A8 (both inner loops) and ternary_int8 main loops
+        return [c for c in out if "splitk" not in c.name and "ragged" not in c.name and c.module != "triton_act"
+                and c.module != "triton_rowquant"]
     out += _family("ternary_int8", "triton_ternary", "_ternary_int8_kernel", int8_types, {"lr+bias splitk": int8_flags},
                    [c for c in ternary.CONFIGS if c["BLOCK_M"] <= ternary.SMALL_M], WONLY_CHECKS["ternary"],
                    only_first=first)

@@ -2,7 +2,8 @@
 and integer arguments divisible by 16 get `tt.divisibility`, or nothing is vectorised or pipelined), and
 count what the main loop (the first loop holding a tensor-core op) does.
 
-`python tests/ir_check.py ARCH [CASE ...]` compiles the cases of ir_cases.py for ARCH (sm90, sm80, gfx942)
+`python tests/ir_check.py ARCH [CASE ...]` compiles the cases of ir_cases.py for ARCH (sm90, sm80, sm86, sm89, sm120,
+gfx942)
 and prints one JSON line per case; tests/test_kernels_ir.py runs it in a subprocess without TRITON_INTERPRET.
 """
 import json
@@ -25,7 +26,7 @@ def _jit(kernel):
 
 
 def compile_kernel(kernel, types: dict, consts: dict, num_warps: int, num_stages: int, arch: str, not_divisible=()):
-    """triton.compile of `kernel` for arch ("sm90", "sm80", "gfx942"): every non-constexpr argument needs a type
+    """triton.compile of `kernel` for arch ("sm90", "sm80", "sm120", "gfx942", ...): every non-constexpr argument needs a type
     in `types` ("*bf16", "i32", ...); pointers and ints are marked divisible by 16 except `not_divisible`."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -91,7 +92,7 @@ def sass_loop(sass: str) -> list:
     tensor-core op (HGMMA/IGMMA/QGMMA/HMMA/IMMA)."""
     ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(SASS_LINE.search, sass.splitlines()) if m]
     for addr, op, rest in ins:
-        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        target = re.search(r"0x([0-9a-f]+)", rest) if op in ("BRA", "BRA.U") else None  # BRA.U UP0: sm_120
         if target and int(target.group(1), 16) < addr:
             body = [(a, o) for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
             if any(re.match(r"[HIQ]GMMA|HMMA|IMMA", o) for _, o in body):
@@ -117,7 +118,7 @@ def _sass_counts(cubin: bytes, arch: str) -> dict:
     count = lambda pattern: sum(bool(re.match(pattern, op)) for op in loop)
     return {"registers": got.get("REG"), "spill_bytes": got.get("STACK", 0) + got.get("LOCAL", 0),
             "sass_loop": len(loop), "sass_loop_mma": count(r"[HIQ]GMMA|HMMA|IMMA"),
-            "sass_loop_mma_waits": count(r"WARPGROUP\.DEPBAR"), "sass_loop_fp32": count(r"F(?:ADD|MUL|FMA)\b"),
+            "sass_loop_int8_mma": count(r"IMMA|IGMMA"), "sass_loop_mma_waits": count(r"WARPGROUP\.DEPBAR"), "sass_loop_fp32": count(r"F(?:ADD|MUL|FMA)\b"),
             "sass_loop_moves": count(r"(?:IMAD\.)?MOV\b|CS2R\b"), "sass_loop_byte_permutes": count(r"PRMT\b")}
 
 

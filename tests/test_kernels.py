@@ -164,6 +164,72 @@ def test_w4a4_gemm(dtype, m, n, k, rank, has_bias, unsigned):
           ref.w4a4_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=dtype))
 
 
+# (M, N, K, rank, bias): K = 1024 and 512 at M <= 64 split K over 4 and 2 programs; M = 65 many tokens, ragged
+W4A8_CASES = [(1, 48, 192, 16, True), (33, 40, 512, 48, False), (65, 64, 256, 32, True), (3, 40, 1024, 0, True)]
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("m,n,k,rank,has_bias", W4A8_CASES)
+def test_w4a8_gemm(m, n, k, rank, has_bias, progressive):
+    """int8 activations (after smoothing) x int4 weights: float group scales, or progressive (integer group scales,
+    exact int32 sum over K, one float rescale) - both against the reference."""
+    g, dtype = gen(19), torch.bfloat16
+    x = rand(m, k, dtype=dtype, g=g)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV)
+    down = rand(k, rank, dtype=dtype, g=g, scale=0.1) if rank else None
+    qx, s, lr = triton_ops.quantize_act_int8(x, down, smooth)
+    eq, es, elr = ref.quantize_act_int8(x, down, smooth)
+    assert torch.equal(qx, eq) and torch.equal(s, es) and (lr is None or lr.dtype == torch.float32)
+    qw, ws = int4_weight(n, k, g), rand(k // 64, n, dtype=dtype, g=g, scale=0.05).abs()
+    up = rand(n, rank, dtype=dtype, g=g, scale=0.1) if rank else None
+    bias = rand(n, dtype=dtype, g=g) if has_bias else None
+    s0 = None
+    if progressive:
+        ws, s0 = ref.progressive_scales(ws)
+    for out_dtype in (dtype, torch.float32):
+        close(triton_ops.w4a8_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=out_dtype, s0=s0),
+              ref.w4a8_gemm(qx, s, qw, ws, lr, up, bias, out_dtype=out_dtype, s0=s0))
+
+
+def test_w4a8_progressive_int32_is_exact():
+    """The largest codes everywhere at the largest group scale give the exact sum (127 * 8 * 127 * 4096, a quarter
+    of 2^31); progressive_limit keeps K * 127 * 8 * limit below 2^31 for every K up to FLUX.2's 24576."""
+    assert ref.progressive_limit(3072) == ref.progressive_limit(15360) == 127
+    assert all(k * 127 * 8 * ref.progressive_limit(k) < 2 ** 31 for k in range(64, 24577, 64))
+    m, n, k = 2, 32, 4096
+    qx = torch.full((m, k), 127, dtype=torch.int8, device=DEV)
+    qx[1] = -127
+    qw = pack_int4(torch.full((n, k), -8)).to(DEV)
+    ws = torch.full((k // 64, n), 1.0, dtype=torch.bfloat16, device=DEV)
+    s1, s0 = ref.progressive_scales(ws)
+    assert int(s1.max()) == ref.progressive_limit(k) == 127
+    xs = torch.ones(m, device=DEV)
+    got = triton_ops.w4a8_gemm(qx, xs, qw, s1, out_dtype=torch.float32, s0=torch.ones(n, device=DEV))
+    assert torch.equal(got[:, 0], torch.tensor([-127.0 * 8 * 127 * k, 127.0 * 8 * 127 * k], device=DEV))
+
+
+def test_w4a8_shape_checks():
+    g = gen(20)
+    qx, s = torch.zeros(2, 64, dtype=torch.int8, device=DEV), torch.ones(2, device=DEV)
+    qw, ws = int4_weight(16, 64, g), rand(1, 16, dtype=torch.bfloat16, g=g)
+    s1, s0 = ref.progressive_scales(ws)
+    with pytest.raises(ValueError, match="int16 group scales need s0"):
+        triton_ops.w4a8_gemm(qx, s, qw, s1)
+    with pytest.raises(ValueError, match="do not match"):
+        triton_ops.w4a8_gemm(qx.float(), s, qw, ws)
+
+
+def test_progressive_scales():
+    """s1 * s0 is each group scale to within s0 / 2; the largest group of a channel keeps its scale (s1 = limit)."""
+    g = gen(21)
+    ws = (torch.rand(48, 40, generator=g) * 0.05 + 1e-4).to(torch.bfloat16)
+    ws[:, 3] = 0  # an all-zero channel: s0 0, s1 0
+    s1, s0 = ref.progressive_scales(ws)
+    assert s1.dtype == torch.int16 and s0.dtype == torch.float32 and s1.shape == ws.shape and s0.shape == (40,)
+    assert int(s1.max()) == 127 and int(s1.min()) >= 0 and not s1[:, 3].any() and s0[3] == 0
+    assert ((s1.float() * s0 - ws.float()).abs() <= s0 / 2 + 1e-9).all()
+
+
 # (M, N, K, group, zeros): M = 1 and 5 few-token tiles; K = 192 ends in a half step, 1088 splits K over 2 programs
 # (17 odd groups); M = 65 and 130 (ragged) the many-token tiles
 W4A16_CASES = [(1, 48, 192, 64, True), (5, 40, 1088, 64, False), (3, 24, 1280, 128, True), (33, 32, 384, 128, False),
@@ -193,7 +259,7 @@ def test_ternary_gemm(dtype, m, n, k, rank, has_bias):
     g = gen(5)
     x = rand(m, k, dtype=dtype, g=g)
     tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
-    lr, up = rand(m, rank, dtype=dtype, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)
+    lr, up = rand(m, rank, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)  # float32 lr, as lora_down gives
     bias = rand(n, dtype=dtype, g=g) if has_bias else None
     close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
     close(triton_ops.ternary_gemm(x, tw, ws), ref.ternary_gemm(x, tw, ws))
@@ -227,10 +293,10 @@ def test_wonly_dequant_path(monkeypatch, dtype, fmt, zeros, rank):
         close(triton_ops.w4a16_gemm(x, qw, ws, wz, bias), ref.w4a16_gemm(x, qw, ws, wz, bias))
     else:
         tw, ws = ternary_weight(n, k, g), rand(n, dtype=dtype, g=g, scale=0.05).abs()
-        lr, up = (rand(m, rank, dtype=dtype, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)) if rank else (None, None)
+        lr, up = (rand(m, rank, g=g), rand(n, rank, dtype=dtype, g=g, scale=0.1)) if rank else (None, None)
         w = triton_wonly.dequantize(tw, ws, None, up, ternary=True)
         assert torch.equal(w[:, :k], (kernels.unpack_ternary(tw).float() * ws.float()[:, None]).to(dtype))
-        assert rank == 0 or torch.equal(w[:, k:], up)
+        assert rank == 0 or (torch.equal(w[:, k:k + rank], up) and torch.equal(w[:, k + rank:], up))
         close(triton_ops.ternary_gemm(x, tw, ws, lr, up, bias), ref.ternary_gemm(x, tw, ws, lr, up, bias))
 
 
@@ -247,6 +313,46 @@ def test_ternary_int8_gemm(dtype, m, n, k, rank):
     bias = rand(n, dtype=dtype, g=g)
     close(triton_ops.ternary_int8_gemm(q, s, tw, ws, lr, up, bias, out_dtype=dtype),
           ref.ternary_int8_gemm(q, s, tw, ws, lr, up, bias, out_dtype=dtype))
+
+
+def test_rows_do_not_depend_on_the_batch(monkeypatch):
+    """A token's codes, scales, lr and outputs are bitwise the same alone and as the first row of a batch. The act
+    kernel's split count along K follows the token count: lr, summed in fixed chunks of K, is the same for 1, 2 and
+    4 programs. The GEMMs are compared within one split regime (K is split only at <= 64 tokens)."""
+    from comfyui_lowbit.kernels import triton_act
+
+    g, dt, n, r = gen(18), torch.bfloat16, 40, 32
+    x = rand(66, 1024, dtype=dt, g=g)
+    smooth = (torch.rand(1024, generator=g) + 0.5).to(dt).to(DEV)
+    down = rand(1024, r, dtype=dt, g=g, scale=0.1)
+    outs = []
+    for nsplit in (1, 2, 4):
+        monkeypatch.setattr(triton_act, "k_splits", lambda *a, nsplit=nsplit: nsplit)
+        outs.append(triton_ops.quantize_act_int4(x[:40], smooth, down))
+    monkeypatch.undo()
+    assert outs[0][2].dtype == torch.float32 and all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+    x, smooth, down = x[:, :512], smooth[:512], down[:512]
+    u8 = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    for quant in (lambda v: triton_ops.quantize_act_int4(v, smooth, down), lambda v: triton_ops.quantize_act_int8(v, down),
+                  lambda v: triton_ops.quantize_act_fp8(v, smooth, down)):
+        assert all(torch.equal(u8(a[:1]), u8(b)) for a, b in zip(quant(x[:40]), quant(x[:1])))
+    q4, s4, lr = triton_ops.quantize_act_int4(x, smooth, down)
+    q8, s8, _ = triton_ops.quantize_act_int8(x, down)
+    qs8, ss8, _ = triton_ops.quantize_act_int8(x, down, smooth)
+    up, bias = rand(n, r, dtype=dt, g=g, scale=0.1), rand(n, dtype=dt, g=g)
+    qw, ws = int4_weight(n, 512, g), rand(8, n, dtype=dt, g=g, scale=0.05)
+    tw, tws = ternary_weight(n, 512, g), rand(n, dtype=dt, g=g, scale=0.05).abs()
+    f32 = torch.float32
+    runs = [lambda i: triton_ops.w4a4_gemm(q4[:i], s4[:i], qw, ws, lr[:i], up, bias, out_dtype=f32),
+            lambda i: triton_ops.ternary_int8_gemm(q8[:i], s8[:i], tw, tws, lr[:i], up, bias, out_dtype=f32),
+            lambda i: triton_ops.ternary_gemm(x[:i], tw, tws, lr[:i], up, bias, out_dtype=f32),
+            lambda i: triton_ops.w4a16_gemm(x[:i], qw, ws, None, bias, f32, lr[:i], up),
+            lambda i: triton_ops.w4a8_gemm(qs8[:i], ss8[:i], qw, ws, lr[:i], up, bias, out_dtype=f32),
+            lambda i: triton_ops.w4a8_gemm(qs8[:i], ss8[:i], qw, *ref.progressive_scales(ws)[:1], lr[:i], up, bias,
+                                           out_dtype=f32, s0=ref.progressive_scales(ws)[1])]
+    for run in runs:
+        assert torch.equal(run(40)[:20], run(20)) and torch.equal(run(2)[:1], run(1))
+    assert torch.equal(runs[0](66)[:65], runs[0](65))  # many tokens: no split
 
 
 def test_empty_batch():
@@ -326,9 +432,10 @@ def test_mixed_signedness_layer_quantizes_in_one_call(monkeypatch):
 
 
 def test_interpreter_autotunes_one_config():
-    from comfyui_lowbit.kernels import triton_act, triton_rowquant, triton_ternary, triton_w4a4, triton_wonly
+    from comfyui_lowbit.kernels import triton_act, triton_rowquant, triton_ternary, triton_w4a4, triton_w4a8, triton_wonly
 
     tuners = [triton_act._act_int4_kernel, triton_rowquant._row_quant_kernel, triton_w4a4._w4a4_kernel,
+              triton_w4a8._w4a8_kernel,
               triton_ternary._ternary_int8_kernel, *triton_wonly._TUNED.values()]
     assert all(len(t.configs) == (1 if INTERPRET else len(t.configs)) for t in tuners)
     assert INTERPRET or all(len(t.configs) > 1 for t in tuners)

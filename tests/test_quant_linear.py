@@ -33,8 +33,10 @@ def layers():
 def _lowrank(x, m):
     if m.proj_down is None:
         return 0.0
-    lr = (x.double() @ m.proj_down.double()).to(m.proj_down.dtype)  # rounded like the kernels
-    return lr.double() @ m.proj_up.double().t()
+    lr = (x.double() @ m.proj_down.double()).float()  # float32, as the kernels keep it
+    hi = lr.to(m.proj_up.dtype)  # the up projection's two 16-bit halves
+    lo = (lr - hi.float()).to(m.proj_up.dtype)
+    return (hi.double() + lo.double()) @ m.proj_up.double().t()
 
 
 def _float_forward(name, m, x):

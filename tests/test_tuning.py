@@ -94,7 +94,7 @@ def test_tune_writes_a_table_the_lookup_reads(tmp_path, monkeypatch, table_dir):
     data = json.loads(open(path).read())
     assert data["gpu"] == "cpu" and set(data["kernels"]) == {"w4a4", "act_int4", "ternary", "ternary_path",
                                                              "ternary_int8", "act_int8", "w4a16", "w4a16_path",
-                                                             "act_fp8", "fp8_int4", "fp8_ternary"}
+                                                             "act_fp8", "fp8_int4", "fp8_ternary", "w4a8"}
     cfg = tuning.lookup("w4a4", torch.device("cpu"), N=64, K=128, R=16, M=64)
     assert cfg in [{**c, "us": 1.0} for c in triton_w4a4.CONFIGS]
     path_entry = tuning.lookup("w4a16_path", torch.device("cpu"), N=64, K=128, G=64, Z=0, M=64)
