@@ -195,3 +195,27 @@ def test_set_activations_reaches_every_quantized_layer(layers):
     assert set_activations(model, "int8") == "int8"
     assert mods["svdq"].activations == mods["ternary"].activations == "int8"
     set_activations(model, "int4")
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_unsigned_layer_follows_a_lora_bias_patch(layers, mode):
+    """An unsigned (post-GELU) layer's unshifted bias is its current bias plus the shift's share: a LoRA bias patch
+    applied after a first forward (which computes and keeps the share) moves the output by exactly that patch."""
+    from comfyui_lowbit.quant_ops import apply_lora, remove_lora
+
+    _, mods = layers
+    m = mods["svdq_unsigned"]
+    x = outlier_inputs(m=6, k=192, seed=3)
+    set_activations(m, mode)
+    try:
+        before = m(x).double()
+        delta = torch.linspace(-1, 1, m.out_features)
+        apply_lora(m, [], delta)
+        after = m(x).double()
+        remove_lora(m)
+        again = m(x).double()
+    finally:
+        set_activations(m, "int4")
+    bias_step = (m.bias.float() + delta).to(m.bias.dtype).double() - m.bias.double()  # the patch as the layer holds it
+    assert torch.allclose(after - before, bias_step.expand_as(after), atol=1e-5)
+    assert torch.equal(again, before)
