@@ -101,17 +101,17 @@ def test_mode_changes_no_weights_and_no_checkpoint(layers):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     set_activations(m, "fp8")
     m(torch.randn(2, 192).to(torch.bfloat16))
-    assert "unshifted_bias" in dict(m.named_buffers())  # the compensated bias, kept for the next call
+    assert "shift_comp" in dict(m.named_buffers())  # the shift's share of the bias, kept for the next call
     assert set(m.state_dict()) == set(before) and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
     copy = m.copy_to("cpu")
-    assert copy.activations == "fp8" and torch.equal(copy.unshifted_bias, m.unshifted_bias)
+    assert copy.activations == "fp8" and torch.equal(copy.shift_comp, m.shift_comp)
     set_activations(m, "int8", progressive=True)
     m(torch.randn(2, 192).to(torch.bfloat16))
     assert set(m.state_dict()) == set(before) and {"int8_s1", "int8_s0"} <= set(dict(m.named_buffers()))
     copy = m.copy_to("cpu")
     assert copy.int8_progressive and torch.equal(copy.int8_s1, m.int8_s1)
     m.load_state_dict(before)
-    assert not {"unshifted_bias", "int8_s1"} & set(dict(m.named_buffers()))  # new tensors: recomputed when used
+    assert not {"shift_comp", "int8_s1"} & set(dict(m.named_buffers()))  # new tensors: recomputed when used
     set_activations(m, "int4", progressive=False)
 
 
