@@ -8,6 +8,8 @@ roundings to 16 bits would be fused away: Inductor keeps float32 intermediates).
 torch.library.custom_op (before 2.4) they are torch.compiler.disable'd instead: the same results, one graph break
 per call.
 """
+import inspect
+
 import torch
 
 from . import custom_ops, reference
@@ -33,6 +35,7 @@ def _dispatched(name):
         op = torch.compiler.disable(direct)
     op.__name__ = name
     op.__doc__ = getattr(reference, name).__doc__
+    op.__signature__ = inspect.signature(getattr(reference, name))
     return op
 
 
