@@ -449,3 +449,43 @@ def test_lowbit_text_encoder_streams_under_dynamic_vram(comfy, dynamic, te_files
     vbar = vram.vbar(clip.patcher)
     at = [stream.streamed(m)._v[1] for m in q.values()]
     assert sum(vbar.uploads[a] for a in at) > 2 * len(at) and vbar.peak <= vram.budget < quantized
+
+
+def test_torch_compile_node_on_dynamic_and_partly_loaded_models(comfy, dynamic, lowbit_file, monkeypatch):
+    """ComfyUI's TorchCompileModel: on a DynamicVRAM model it compiles the non-dynamic delegate (the node clones with
+    disable_dynamic, so the streaming path is never traced); on a partly loaded ModelPatcher the offloaded quantized
+    layers' per-call device copies are traced with the rest. Each sampling is one graph with no graph break (the
+    kernel ops are custom operators; PyTorch attention as on a GPU: ComfyUI's CPU attention queries free memory,
+    which breaks graphs) and gives the eager latent bitwise (the cudagraphs backend runs the traced ops on a CPU)."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import comfy.model_management as mm
+    import comfyui_vbar
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+
+    def compiled(mp):
+        torch._dynamo.reset()
+        counters.clear()
+        out = TorchCompileModel.execute(mp, "cudagraphs")
+        latent = _sample(comfy, out.result[0])
+        return latent, int(counters["stats"]["unique_graphs"]), sum(counters["graph_break"].values())
+
+    vram = comfyui_vbar.install(monkeypatch, budget=2 ** 40)
+    plain, dyn = _load(lowbit_file, False), _load(lowbit_file, True)
+    vram.set_budget(_quantized_bytes(dyn) // 2)
+    ref = _sample(comfy, plain)
+    latent, graphs, breaks = compiled(dyn)
+    assert torch.equal(latent, ref) and (graphs, breaks) == (1, 0), ("DynamicVRAM", graphs, breaks)
+    mm.unload_all_models()
+    budget = plain.model_size() // 4
+    real = mm.LoadedModel.model_use_more_vram
+    monkeypatch.setattr(mm.LoadedModel, "model_use_more_vram",
+                        lambda self, extra, force_patch_weights=False: real(self, min(extra, budget), force_patch_weights))
+    latent, graphs, breaks = compiled(plain)
+    assert any(m.comfy_cast_weights for m in _lowbit(plain).values()), "no quantized layer was offloaded"
+    assert torch.equal(latent, ref) and (graphs, breaks) == (1, 0), ("partly loaded", graphs, breaks)
+    mm.unload_all_models()
+    torch._dynamo.reset()
