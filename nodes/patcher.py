@@ -274,6 +274,9 @@ class LowBitPatcherMixin:
         if not self.is_dynamic():
             self._offload_left_resident()
         self.lowbit_apply_patches()
+        for m in lowbit_layers(self.model).values():
+            if not stream.active(m):  # streamed layers derive theirs per device from the streamed tensors
+                m.prepare()  # before any forward, so that a compiled model is traced once
         return out
 
     def _offload_left_resident(self):

@@ -98,13 +98,14 @@ class LowBitLinear(nn.Module):
             else:
                 self.register_buffer(name, t, persistent=False)
 
+    def prepare(self) -> None:
+        """Compute now the tensors the current activation mode derives from the weights (non-persistent buffers,
+        DERIVED), which a first forward would otherwise add: a compiled model would then be traced again."""
+
     def copy_to(self, device) -> "LowBitLinear":
         """A plain lowbit module holding copies of this one's tensors on `device` (runtime branch, activation
         mode and the tensors derived for it included: computed once here, not on every offloaded call)."""
-        if self.activations in ("fp8", "int8") and isinstance(self, SVDQW4A4Linear):
-            self._unshifted_bias(self.forward_tensors())
-            if self.activations == "int8":
-                self._int8_scales(self.forward_tensors())
+        self.prepare()
         m = module_from_packed(self.packed().to(device=device))
         down, up = self.branch()
         if down is not None and "proj_down" not in self.FORMAT_CLS.TENSORS:
@@ -134,6 +135,13 @@ class SVDQW4A4Linear(LowBitLinear):
             q, s, lr = self._quantize(x2, t)
             y = kernels.w4a4_gemm(q, s, t["weight"], t["wscales"], lr, t["proj_up"], t["bias"], out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def prepare(self) -> None:
+        if self.activations in ("fp8", "int8"):
+            t = self.forward_tensors()
+            self._unshifted_bias(t)
+            if self.activations == "int8":
+                self._int8_scales(t)
 
     def _unshifted_bias(self, t: dict) -> torch.Tensor | None:
         """FP8 and int8 activations are not shifted, so an unsigned layer gets back the shift's share that the

@@ -489,3 +489,35 @@ def test_torch_compile_node_on_dynamic_and_partly_loaded_models(comfy, dynamic, 
     assert torch.equal(latent, ref) and (graphs, breaks) == (1, 0), ("partly loaded", graphs, breaks)
     mm.unload_all_models()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode,progressive", [("fp8", False), ("int8", True)])
+def test_torch_compile_node_traces_once_with_derived_tensors(comfy, lowbit_file, monkeypatch, mode, progressive):
+    """fp8 / int8 activations derive tensors from the weights (the unsigned layers' shift share, progressive int8's
+    integer group scales): the patcher's load computes them before the first forward, so TorchCompileModel traces
+    the model once (one graph over both steps, no break) and the latent is the eager one bitwise."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import comfy.model_management as mm
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+    from torch._dynamo.utils import counters
+
+    from comfyui_lowbit.quant_ops import set_activations
+
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    mp = _load(lowbit_file, False)
+    assert set_activations(mp.model.diffusion_model, mode, "cpu", progressive) == mode
+    try:
+        ref = _sample(comfy, mp)
+        mm.unload_all_models()
+        fresh = _load(lowbit_file, False)
+        set_activations(fresh.model.diffusion_model, mode, "cpu", progressive)
+        assert not any(dict(m.named_buffers()).keys() & {"shift_comp", "int8_s1"} for m in _lowbit(fresh).values())
+        torch._dynamo.reset()
+        counters.clear()
+        latent = _sample(comfy, TorchCompileModel.execute(fresh, "cudagraphs").result[0])
+        graphs, breaks = int(counters["stats"]["unique_graphs"]), sum(counters["graph_break"].values())
+        assert torch.equal(latent, ref) and (graphs, breaks) == (1, 0), (graphs, breaks)
+    finally:
+        mm.unload_all_models()
+        torch._dynamo.reset()
