@@ -52,6 +52,16 @@ def run_inspect(args) -> int:
     for k in ("lowbit.source", "lowbit.args"):
         if k in info.metadata:
             print(f"{k[7:]:<8}         {info.metadata[k]}")
+    if "lowbit.plan" in info.metadata:
+        import json
+
+        from .quantize import print_plan
+
+        try:
+            args = json.loads(info.metadata.get("lowbit.args", "{}"))
+            print_plan(json.loads(info.metadata["lowbit.plan"]), size, info.family, args.get("format"))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"plan:            unreadable lowbit.plan metadata ({type(e).__name__}: {e})")
     return 0
 
 
