@@ -97,7 +97,7 @@ def cache_key(source: str, **options) -> str:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _checked_header(path: str) -> dict:
@@ -213,6 +213,10 @@ class QuantCache:
         entries = self.entries()
         used = sum(e.size for e in entries)
         entries = [e for e in entries if keep is None or not os.path.samefile(e.path, keep)]
+        free = shutil.disk_usage(self.folder).free
+        if free + sum(e.size for e in entries) < need:  # emptying the cache would not do: keep it, say so
+            raise OSError(f"{self.folder}: the quantized model needs about {_gb(need)} but the disk has {_gb(free)} "
+                          f"free (the cache's entries hold {_gb(sum(e.size for e in entries))}); free some space")
         removed = []
         while entries and ((self.limit is not None and used + need > self.limit)
                            or shutil.disk_usage(self.folder).free < need):
@@ -243,12 +247,13 @@ class CachedModel:
 
 
 def _estimate(src: str, fmt: str, rank: int, group_size: int, max_bytes: int | None) -> int:
-    from .convert import inspect_source
+    """What quantize_file will check the free space against: its upper estimate, or with a budget the budget plus
+    that estimate's slack (w4a16 zero points, the header)."""
+    from .convert import output_estimate
 
-    _, config, family = inspect_source(src)
-    size = sum(r["bytes"] for r in family.plan(config, fmt if not family.text_encoder else "w4a16", rank,
-                                               group_size).values())
-    return min(size, max_bytes) if max_bytes else size
+    if max_bytes:
+        return int(max_bytes * 1.04) + (1 << 20)
+    return output_estimate(src, fmt, rank, group_size)
 
 
 def quantize_cached(src: str, cache: QuantCache, fmt: str, rank: int | None = None, calib: str | None = None,

@@ -79,20 +79,22 @@ class _Source:
         self.size = sum(os.path.getsize(f) for f in files)
 
     @contextlib.contextmanager
-    def reader(self):
-        """read(key) -> float32 tensor; the files are opened once per `with` (one layer) and closed after."""
+    def reader(self, device=None):
+        """read(key) -> float32 tensor; the files are opened once per `with` (one layer) and closed after. device:
+        float tensors go there as stored (16 or 8 bits) and are widened and checked there (a GPU does it faster
+        than the host, and half the bytes cross the bus)."""
         handles = {}
 
         def read(key):
             file = self.files[key]
             if file not in handles:
                 handles[file] = stack.enter_context(_open(file))
-            return self._read(handles[file], file, key)
+            return self._read(handles[file], file, key, device)
 
         with contextlib.ExitStack() as stack:
             yield read
 
-    def _read(self, f, file: str, key: str) -> torch.Tensor:
+    def _read(self, f, file: str, key: str, device=None) -> torch.Tensor:
         try:
             t = f.get_tensor(key)
         except Exception as e:
@@ -101,12 +103,12 @@ class _Source:
             if key.endswith(_PASSTHROUGH):
                 return t
             raise ValueError(f"{file}: tensor {key} has dtype {t.dtype}, expected a float type")
-        t = t.float()
+        t = (t if device is None else t.to(device)).float()
         if key.endswith(".weight"):
             for suffix in _SCALE_SUFFIXES:
                 sk = key[: -len(".weight")] + suffix
                 if sk in self.shapes:
-                    t = t * f.get_tensor(sk).float()
+                    t = t * f.get_tensor(sk).float().to(t.device)
         if not torch.isfinite(t).all():
             raise ValueError(f"{file}: tensor {key} contains inf or NaN")
         return t
@@ -309,7 +311,7 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, fmt_of, fmt, rank, group_size))
     out, layers, errors = {}, {}, {}
     for done, (layer, parts) in enumerate(units, 1):
-        with source.reader() as read:
+        with source.reader(device) as read:
             tensors = {end: _fetch(read, *plan[name]) for end, name in parts.items()}
         lfmt = fmt_of(layer, fmt) if "weight" in tensors and tensors["weight"].dim() == 2 else None
         if lfmt is not None:
@@ -323,7 +325,7 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
             out.update({f"{layer}.{k}": v for k, v in packed.tensors().items()})
             layers[layer] = packed.config()
         else:
-            out.update({parts[end]: t.to(DTYPE) if t.is_floating_point() else t for end, t in tensors.items()})
+            out.update({parts[end]: t.to(DTYPE).cpu() if t.is_floating_point() else t for end, t in tensors.items()})
         del tensors
         if _TRIM is not None:
             _TRIM(0)
@@ -370,7 +372,7 @@ def _budget_pass(source, plan, units, shapes, family, fmt, rank, group_size, max
     options, metric = {}, set()
     for done, (layer, c) in enumerate(cands.items(), 1):
         parts = linear[layer]
-        with source.reader() as read:
+        with source.reader(device) as read:
             w = _fetch(read, *plan[parts["weight"]])
             b = _fetch(read, *plan[parts["bias"]]) if "bias" in parts else None
         rows = calib_stats.sample(layer, w.shape[1])[1]
@@ -407,6 +409,12 @@ def held_out_error(packed, w, b, x) -> float:
     y = x @ w.to(x.device).float().t() + (0 if b is None else b.to(x.device).float())
     yq = module_from_packed(packed)(x.to(packed.dtype)).float()
     return ((yq - y).norm() / y.norm().clamp_min(1e-30)).item()
+
+
+def output_estimate(src, fmt: str, rank: int = 32, group_size: int = 64) -> int:
+    """The upper estimate of the checkpoint's size that quantize_file checks the free space against (headers only)."""
+    _, plan, shapes, _, family = _plan(_Source(str(src)))
+    return _output_bytes(_units(plan), shapes, family.layer_format, fmt, rank, group_size)
 
 
 def _output_bytes(units, shapes, fmt_of, fmt, rank, group_size) -> int:

@@ -161,11 +161,11 @@ def test_size_limit_evicts_least_recently_used(tmp_path, sources, counted):
     os.utime(a.path, (1, 1))
     os.utime(b.path, (2, 2))
     assert cache.quantize_cached(sources["flux1"], c, "svdq_w4a4", options=FAST).hit  # a is used now: b is older
-    size = os.path.getsize(a.path)
-    small = cache.QuantCache(tmp_path / "cache", limit=int(2.5 * size))
+    limit = os.path.getsize(a.path) + checkpoint.convert.output_estimate(sources["flux2_fp8"], "svdq_w4a4") + 1000
+    small = cache.QuantCache(tmp_path / "cache", limit=limit)
     d = cache.quantize_cached(sources["flux2_fp8"], small, "svdq_w4a4", options=FAST)
     assert {e.path for e in small.entries()} == {a.path, d.path}  # b went, the new one and the recent one stay
-    with pytest.raises(ValueError, match=r"more than the cache's size limit of 0\.00 GB"):
+    with pytest.raises(ValueError, match=r"more than the cache's size limit of 0\.00 MB"):
         cache.quantize_cached(sources["flux1"], cache.QuantCache(tmp_path / "cache", limit=1000), "w4a16")
     assert len(counted) == 3  # refused before any work
     stale = tmp_path / "cache" / ".lowbit-dead.tmp"
@@ -181,10 +181,13 @@ def test_full_disk_leaves_no_partial_file(tmp_path, sources, monkeypatch, counte
     c = cache.QuantCache(tmp_path / "cache")
     folder = str(tmp_path / "cache")
     real_usage = shutil.disk_usage
+    kept = cache.quantize_cached(sources["flux1"], c, "ternary", options=FAST)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
-    with pytest.raises(OSError, match=r"the output needs about .* GB but .*cache has 0\.00 GB free"):
+    with pytest.raises(OSError, match=r"cache: the quantized model needs about .* MB but the disk has 0\.00 MB free "
+                                      r"\(the cache's entries hold"):
         cache.quantize_cached(sources["flux1"], c, "svdq_w4a4", options=FAST)
-    assert _files(folder) == []
+    assert _files(folder) == [os.path.basename(kept.path)]  # nothing evicted in vain, no output
+    c.discard(kept.path)
     monkeypatch.setattr(shutil, "disk_usage", real_usage)
 
     from comfyui_lowbit.checkpoint import lowbit_file
@@ -201,6 +204,14 @@ def test_full_disk_leaves_no_partial_file(tmp_path, sources, monkeypatch, counte
     monkeypatch.undo()
     got = cache.quantize_cached(sources["flux1"], c, "svdq_w4a4", options=FAST)
     assert not got.hit and _files(folder) == [os.path.basename(got.path)]
+    # room only once the older entry goes: it is evicted, then the check before the first layer passes
+    size = os.path.getsize(got.path)
+    need = checkpoint.convert.output_estimate(sources["flux1"], "ternary", 64)
+    assert need - size < 2_000_000 < need
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(
+        free=2_000_000 if os.path.exists(got.path) else 10 * need))
+    other = cache.quantize_cached(sources["flux1"], c, "ternary", options=FAST)
+    assert _files(folder) == [os.path.basename(other.path)]
 
 
 def test_cache_cli_lists_trims_and_clears(tmp_path, sources, capsys):
