@@ -59,8 +59,11 @@ def _file_windows(path: str, h) -> None:
         except ValueError as e:
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
         h.update(struct.pack("<Q", size) + head + header)
-        spans = sorted(tuple(v["data_offsets"]) for k, v in entries.items()
-                       if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v)
+        try:
+            spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1])) for k, v in entries.items()
+                           if k != "__metadata__")
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (a header entry has no data offsets: {e})") from None
         end = 8 + n + (spans[-1][1] if spans else 0)
         if end != size:
             raise CheckpointError(f"{path}: not a readable safetensors file: its header describes {end} bytes, the "
@@ -77,15 +80,24 @@ def _file_windows(path: str, h) -> None:
                 h.update(f.read(length))
 
 
+_KNOWN: dict = {}  # (file, device, inode, size, mtime_ns) of every shard -> key, for this process
+
+
 def source_key(path: str) -> str:
     """A hex digest of what a model file (or a sharded model's files) holds: size, header and sampled data (see
-    the module doc for why not a full hash)."""
+    the module doc for why not a full hash). Within one process a file whose inode, size and mtime are unchanged
+    is not read again."""
     from .convert import _shards
 
-    h = hashlib.sha256()
-    for file in _shards(str(path)):
-        _file_windows(file, h)
-    return h.hexdigest()
+    files = _shards(str(path))
+    stamp = tuple((os.path.abspath(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                  for f, st in ((f, os.stat(f)) for f in files))
+    if stamp not in _KNOWN:
+        h = hashlib.sha256()
+        for file in files:
+            _file_windows(file, h)
+        _KNOWN[stamp] = h.hexdigest()
+    return _KNOWN[stamp]
 
 
 def cache_key(source: str, **options) -> str:
@@ -98,6 +110,18 @@ def cache_key(source: str, **options) -> str:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _metadata(path: str) -> dict:
+    from safetensors import safe_open
+
+    from .lowbit_file import unreadable_error
+
+    try:
+        with safe_open(path, framework="pt") as f:  # checks the header against the file's size
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise unreadable_error(path, e) from None
 
 
 def _checked_header(path: str) -> dict:
@@ -165,14 +189,15 @@ class QuantCache:
         budget = f".max{max_bytes / 1e9:g}GB" if max_bytes else ""
         return os.path.join(self.folder, f"{stem}.{fmt}{budget}.{key[:16]}.safetensors")
 
-    def lookup(self, key: str) -> str | None:
-        """The entry for `key`, its header and tensor list validated (as a loader checks them before reading any
-        data) and its key matched; a damaged or mismatched file is refused: removed, with one warning line."""
+    def lookup(self, key: str, validate: bool = False) -> str | None:
+        """The entry for `key`: a readable safetensors file whose recorded key matches (validate: its whole header
+        and tensor list checked as a loader checks them; a loader does that anyway, so a hit read by one need not
+        pay for it twice). A damaged or mismatched file is refused: removed, with one warning line."""
         for path in glob.glob(os.path.join(glob.escape(self.folder), f"*.{key[:16]}.safetensors")):
             if os.path.islink(path) or not os.path.isfile(path):
                 continue
             try:
-                meta = _checked_header(path)
+                meta = _checked_header(path) if validate else _metadata(path)
                 if meta.get(CACHE_KEY) != key:
                     raise CheckpointError(f"{path}: its {CACHE_KEY} is {meta.get(CACHE_KEY)!r}, not this entry's")
             except (OSError, ValueError) as e:
@@ -206,7 +231,7 @@ class QuantCache:
         than the limit. Returns the removed entries."""
         if self.limit is not None and need > self.limit:
             raise ValueError(f"{self.folder}: the quantized model needs about {_gb(need)}, more than the cache's size "
-                             f"limit of {_gb(self.limit)}; raise the limit (cache_limit_gb / --cache-limit)")
+                             f"limit of {_gb(self.limit)}; raise cache_limit_gb")
         os.makedirs(self.folder, exist_ok=True)
         for p in self._stale_temps():
             os.remove(p)
@@ -258,10 +283,11 @@ def _estimate(src: str, fmt: str, rank: int, group_size: int, max_bytes: int | N
 
 def quantize_cached(src: str, cache: QuantCache, fmt: str, rank: int | None = None, calib: str | None = None,
                     max_bytes: int | None = None, group_size: int = 64, options: dict | None = None,
-                    device="cpu", progress=None, rebuild: bool = False) -> CachedModel:
+                    device="cpu", progress=None, rebuild: bool = False, validate: bool = True) -> CachedModel:
     """The cached lowbit checkpoint of `src` quantized with these options: found in `cache`, or made by
     quantize_file (the converter `lowbit quantize` runs) and kept there. rebuild: skip the lookup (the entry
-    found failed to load)."""
+    found failed to load). validate=False: a hit's header is not checked here (the caller loads it through the
+    lowbit loader, which checks everything, and rebuilds an entry it refuses)."""
     from .convert import quantize_file
     from .families import DEFAULT_RANK
 
@@ -271,7 +297,7 @@ def quantize_cached(src: str, cache: QuantCache, fmt: str, rank: int | None = No
     calib_key = source_key(calib) if calib else None
     key = cache_key(source_key(src), format=fmt, rank=rank, group_size=group_size, calib=calib_key,
                     max_bytes=max_bytes, options=options or {})
-    found = None if rebuild else cache.lookup(key)
+    found = None if rebuild else cache.lookup(key, validate)
     if found is not None:
         cache.touch(found)
         log.info("comfyui-lowbit: cache hit for %s: %s (%.2f s)", src, found, time.time() - t0)

@@ -53,12 +53,18 @@ def _calib_path(calibration: str) -> str | None:
 
 
 def _refuse_lowbit(path: str, loader: str) -> None:
+    from safetensors import safe_open
+
+    from ..checkpoint import META_VERSION
+
     try:
-        info = read_info(path)
-    except NotALowbitCheckpoint:
+        with safe_open(path, framework="pt") as f:  # the metadata alone: this runs on every load, hits included
+            meta = f.metadata() or {}
+    except Exception:  # not readable: the quantizer names the problem before any work
         return
-    raise ValueError(f"{path} is already a lowbit {info.model!r} checkpoint; load it with '{loader}' (this node "
-                     f"quantizes 16-bit / fp8 files)")
+    if META_VERSION in meta:
+        raise ValueError(f"{path} is already a lowbit {meta.get('lowbit.model', '?')!r} checkpoint; load it with "
+                         f"'{loader}' (this node quantizes 16-bit / fp8 files)")
 
 
 def _quantize(src: str, fmt: str, calib: str | None, max_bytes: int | None, limit: int | None, rebuild=False):
@@ -75,7 +81,7 @@ def _quantize(src: str, fmt: str, calib: str | None, max_bytes: int | None, limi
         comfy.model_management.free_memory(QUANT_VRAM, device)
     try:
         got = quantize_cached(src, cache, fmt, calib=calib, max_bytes=max_bytes, device=device, progress=progress,
-                              rebuild=rebuild)
+                              rebuild=rebuild, validate=False)  # load_through_cache's loader validates the hit
     finally:
         if device.type != "cpu":
             comfy.model_management.soft_empty_cache()

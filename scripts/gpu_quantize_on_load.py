@@ -81,6 +81,7 @@ def main(argv=None):
     import comfy.model_management as mm
     import folder_paths
 
+    from comfyui_lowbit.checkpoint import cache
     from comfyui_lowbit.checkpoint.cache import source_key
     from comfyui_lowbit.nodes.loaders import load_lowbit_diffusion_model
     from comfyui_lowbit.nodes.quantize_on_load import LowBitQuantizeOnLoad
@@ -123,6 +124,7 @@ def main(argv=None):
             del model
             hits, plain = [], []
             for _ in range(a.repeats):
+                cache._KNOWN.clear()  # each hit reads the source's key as a fresh ComfyUI process does
                 m, s = timed(load)
                 hits.append(s)
                 del m

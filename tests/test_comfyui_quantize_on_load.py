@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import (TINY_QWEN3_CONFIG, tiny_clip_l_state_dict, write_tiny_flux, write_tiny_flux2, write_tiny_llm,
+from tiny_models import (TINY_MISTRAL_CONFIG, TINY_QWEN3_CONFIG, tiny_clip_l_state_dict, write_tiny_flux, write_tiny_flux2, write_tiny_llm,
                          write_tiny_t5)
 
 COMFY = os.environ.get("COMFYUI_PATH")
@@ -240,12 +240,15 @@ def test_bad_input_is_named_before_work(models, calls):
 
 def test_text_encoders_quantize_on_load(models, calls):
     """FLUX.1's loader: a 16-bit T5 and CLIP-L quantized to W4A16 (one run each), then hits; FLUX.2's loader: a
-    16-bit Qwen3 likewise; the CLIPs encode. Without quantize_16bit the 16-bit files load as before."""
+    16-bit Qwen3 and a Mistral 3 likewise; the CLIPs encode. Without quantize_16bit the 16-bit files load as
+    before."""
+    from comfyui_harness import apply_compat
     from safetensors.torch import save_file
 
     from comfyui_lowbit.nodes.loaders import LowBitFlux2TextEncoderLoader, LowBitTextEncoderLoader
     from comfyui_lowbit.nodes.ops import lowbit_modules
 
+    apply_compat()  # the Mistral 3 tokenizer under transformers 5 (tests/comfyui_harness.py)
     te = models / "text_encoders"
     write_tiny_t5(te / "t5_bf16.safetensors")
     sd = tiny_clip_l_state_dict(hidden=64, vocab=49408)
@@ -259,10 +262,12 @@ def test_text_encoders_quantize_on_load(models, calls):
         assert torch.isfinite(cond).all()
     plain = LowBitTextEncoderLoader().load("clip_l_fp16.safetensors", "t5_bf16.safetensors")[0]
     assert not lowbit_modules(plain.cond_stage_model)
-    for i in range(2):
-        clip = LowBitFlux2TextEncoderLoader().load("qwen3_bf16.safetensors", quantize_16bit=True)[0]
-        assert len(calls["quantize"]) == 3 and len(lowbit_modules(clip.cond_stage_model)) == 28 * 7
-        assert torch.isfinite(clip.encode_from_tokens(clip.tokenize("a lighthouse"))).all()
+    write_tiny_llm(te / "mistral3_bf16.safetensors", {**TINY_MISTRAL_CONFIG})
+    for name, layers, n in (("qwen3_bf16", 28, 3), ("mistral3_bf16", 40, 4)):
+        for i in range(2):
+            clip = LowBitFlux2TextEncoderLoader().load(f"{name}.safetensors", quantize_16bit=True)[0]
+            assert len(calls["quantize"]) == n and len(lowbit_modules(clip.cond_stage_model)) == layers * 7
+            assert torch.isfinite(clip.encode_from_tokens(clip.tokenize("a lighthouse"))).all()
 
 
 # ---- headless ComfyUI -------------------------------------------------------------------------------------------

@@ -309,6 +309,12 @@ def test_budget_on_a_text_encoder_and_bad_budgets(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "b.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "size budget" in out and "uniform w4a16" in out and "layers not in the format's own plan" in out
+    # before any work: what a budget can choose for a known model, from shapes alone
+    assert cli.main(["inspect", "--plan", "flux1:dev", "--max-size", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "--max-size 10 GB with svdq_w4a4: a budget chooses between 6.42 GB and 23.80 GB; a mix fits" in out
+    assert cli.main(["inspect", "--plan", "flux2_te:mistral3-24b", "--max-size", "10"]) == 0
+    assert "between 13.15 GB and 45.80 GB; below the smallest: refused" in capsys.readouterr().out
 
 
 def test_choose_is_greedy_by_error_per_byte_and_fits():
