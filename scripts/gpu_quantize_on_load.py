@@ -91,7 +91,7 @@ def main(argv=None):
     folder_paths.folder_names_and_paths["diffusion_models"] = ([os.path.dirname(src)], {".safetensors"})
     folder_paths.folder_names_and_paths["lowbit_cache"] = ([a.cache], set())
     cuda = torch.cuda.is_available() and mm.get_torch_device().type == "cuda"
-    write(a.results, event="setup", source_bytes=os.path.getsize(src), built=config, threads=torch.get_num_threads(),
+    write(a.results, event="qol_setup", source_bytes=os.path.getsize(src), built=config, threads=torch.get_num_threads(),
           setup_s=time.time() - t_start, **info)
 
     def timed(fn):

@@ -186,6 +186,7 @@ def test_quantize_on_load_step_dry_run_on_cpu(tmp_path):
     assert not [r for r in rows if r.get("event") == "error"], rows
     miss = next(r for r in rows if r.get("event") == "miss")
     hit = next(r for r in rows if r.get("event") == "hit")
-    assert miss["format"] == "svdq_w4a4" and miss["miss_s"] > 0 and 0 < miss["cache_bytes"] < rows[0]["source_bytes"]
+    setup = next(r for r in rows if r.get("event") == "qol_setup")
+    assert miss["format"] == "svdq_w4a4" and miss["miss_s"] > 0 and 0 < miss["cache_bytes"] < setup["source_bytes"]
     assert len(hit["hit_all_s"]) == len(hit["lowbit_load_all_s"]) == 2 and hit["ratio"] > 0
     assert not (tmp_path / "cache").exists()
