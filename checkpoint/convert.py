@@ -84,11 +84,15 @@ class _Source:
         float tensors go there as stored (16 or 8 bits) and are widened and checked there (a GPU does it faster
         than the host, and half the bytes cross the bus)."""
         handles = {}
+        if device is not None and torch.device(device).type == "cpu":
+            device = None
 
         def read(key):
             file = self.files[key]
             if file not in handles:
                 handles[file] = stack.enter_context(_open(file))
+            if device is None:
+                return self._read(handles[file], file, key)
             return self._read(handles[file], file, key, device)
 
         with contextlib.ExitStack() as stack:

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run_cache(args) -> int:
-    from ..checkpoint.cache import QuantCache
+    from ..checkpoint import QuantCache
 
     if not os.path.isdir(args.folder):
         raise FileNotFoundError(f"{args.folder}: no such folder")

@@ -9,8 +9,7 @@ import comfy.utils
 import folder_paths
 
 from .. import kernels, quant_ops
-from ..checkpoint import CheckpointError, NotALowbitCheckpoint, read_info
-from ..checkpoint.cache import QuantCache, quantize_cached
+from ..checkpoint import CheckpointError, NotALowbitCheckpoint, QuantCache, quantize_cached, read_info
 from .loaders import ACTIVATIONS_TIP, DTYPES, check_backend, load_lowbit_diffusion_model
 
 log = logging.getLogger("comfyui_lowbit")
