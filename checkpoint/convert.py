@@ -292,6 +292,7 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
         log.warning("%s: text encoders are quantized weight-only (w4a16), not %s", src, fmt)
     calib_stats = CalibrationFile(calib, calib_tokens)
     units = _units(plan)
+    check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, family.layer_format, fmt, rank, group_size))
 
     def quantize_layer(layer, lfmt, w, b):
         """(packed, held-out rows or None) of one linear in format lfmt, as the checkpoint holds it."""
@@ -310,9 +311,10 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
 
     fmt_of, offset, plan_meta = family.layer_format, 0, None
     if max_bytes is not None:
+        check_output(dst, inputs, force, needed_bytes=max_bytes)  # before the measuring pass, not after
         fmt_of, offset, plan_meta = _budget_pass(source, plan, units, shapes, family, fmt, rank, group_size, max_bytes,
                                                  calib_stats, quantize_layer, device, progress)
-    check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, fmt_of, fmt, rank, group_size))
+        check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, fmt_of, fmt, rank, group_size))
     out, layers, errors = {}, {}, {}
     for done, (layer, parts) in enumerate(units, 1):
         with source.reader(device) as read:
