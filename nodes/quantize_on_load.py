@@ -93,8 +93,9 @@ def _quantize(src: str, fmt: str, calib: str | None, max_bytes: int | None, limi
 
 
 def load_through_cache(srcs: list, fmt: str, load, calib=None, max_bytes=None, limit=None):
-    """load([cached paths]) of the sources quantized through the cache. A cache hit that fails the loader's full
-    validation (e.g. a truncated tensor the header check cannot see) is removed and rebuilt once."""
+    """load([cached paths]) of the sources quantized through the cache. The lookup reads only an entry's metadata;
+    a hit that then fails the loader's full validation (tensor names, shapes, dtypes, NaN) is removed and rebuilt
+    once."""
     found = [_quantize(s, fmt, calib, max_bytes, limit) for s in srcs]
     try:
         return load([got.path for _, got in found])

@@ -336,3 +336,31 @@ def test_choose_is_greedy_by_error_per_byte_and_fits():
         best = min(sum(o.error for o in combo) for combo in itertools.product(*options.values())
                    if sum(o.bytes for o in combo) <= room)
         assert budget.plan_error(chosen) <= best * 1.5 + 1e-9
+
+
+def test_calibration_file_is_part_of_the_key_and_drives_the_budget(tmp_path, sources, counted):
+    """Another calibration file is another entry; with a budget, layers the file has samples for are measured on its
+    held-out rows, the others on the seeded rows (the plan says which)."""
+    from comfyui_lowbit.quant_ops import InputRecorder
+    from tiny_models import tiny_flux_state_dict
+
+    sd16 = tiny_flux_state_dict(**SMALL)
+    files = []
+    for seed in (0, 1):
+        rec = InputRecorder(tokens=64)
+        g = torch.Generator().manual_seed(seed)
+        for name in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"):
+            k = sd16[f"{name}.weight"].shape[1]
+            rec.record(name, torch.randn(2, 40, k, generator=g))
+        files.append(checkpoint.save_calibration(str(tmp_path / f"calib{seed}.safetensors"), rec.tensors(), samples=2,
+                                                 tokens=64))
+    c = cache.QuantCache(tmp_path / "cache")
+    a = cache.quantize_cached(sources["flux1"], c, "svdq_w4a4", calib=files[0], options=FAST)
+    assert cache.quantize_cached(sources["flux1"], c, "svdq_w4a4", calib=files[0], options=FAST).hit
+    b = cache.quantize_cached(sources["flux1"], c, "svdq_w4a4", calib=files[1], options=FAST)
+    assert not a.hit and not b.hit and a.key != b.key and len(counted) == 2
+    s = checkpoint.quantize_file(sources["flux1"], tmp_path / "budget.safetensors", "svdq_w4a4", calib=files[0],
+                                 options=FAST, max_bytes=1_700_000)
+    assert "held-out calibration rows" in s["plan"]["metric"] and "256 seeded N(0, 1) rows" in s["plan"]["metric"]
+    assert s["output_bytes"] <= 1_700_000 and set(s["layer_errors"]) <= {"double_blocks.0.img_attn.qkv",
+                                                                          "single_blocks.0.linear2"}
