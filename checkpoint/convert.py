@@ -63,6 +63,7 @@ class _Source:
         self.path = path
         self.files = {}  # key -> file
         self.shapes = {}
+        self.dtypes = {}  # safetensors dtype names ("BF16", "F8_E4M3", "I64", ...)
         files = _shards(path)
         for file in files:
             with _open(file) as f:
@@ -70,6 +71,7 @@ class _Source:
                 for k in f.keys():
                     try:
                         self.shapes[k] = tuple(f.get_slice(k).get_shape())
+                        self.dtypes[k] = f.get_slice(k).get_dtype()
                     except Exception as e:
                         raise ValueError(f"{file}: tensor {k}: unreadable header entry ({e})") from None
                     self.files[k] = file
@@ -77,20 +79,26 @@ class _Source:
         self.size = sum(os.path.getsize(f) for f in files)
 
     @contextlib.contextmanager
-    def reader(self):
-        """read(key) -> float32 tensor; the files are opened once per `with` (one layer) and closed after."""
+    def reader(self, device=None):
+        """read(key) -> float32 tensor; the files are opened once per `with` (one layer) and closed after. device:
+        float tensors go there as stored (16 or 8 bits) and are widened and checked there (a GPU does it faster
+        than the host, and half the bytes cross the bus)."""
         handles = {}
+        if device is not None and torch.device(device).type == "cpu":
+            device = None
 
         def read(key):
             file = self.files[key]
             if file not in handles:
                 handles[file] = stack.enter_context(_open(file))
-            return self._read(handles[file], file, key)
+            if device is None:
+                return self._read(handles[file], file, key)
+            return self._read(handles[file], file, key, device)
 
         with contextlib.ExitStack() as stack:
             yield read
 
-    def _read(self, f, file: str, key: str) -> torch.Tensor:
+    def _read(self, f, file: str, key: str, device=None) -> torch.Tensor:
         try:
             t = f.get_tensor(key)
         except Exception as e:
@@ -99,12 +107,12 @@ class _Source:
             if key.endswith(_PASSTHROUGH):
                 return t
             raise ValueError(f"{file}: tensor {key} has dtype {t.dtype}, expected a float type")
-        t = t.float()
+        t = (t if device is None else t.to(device)).float()
         if key.endswith(".weight"):
             for suffix in _SCALE_SUFFIXES:
                 sk = key[: -len(".weight")] + suffix
                 if sk in self.shapes:
-                    t = t * f.get_tensor(sk).float()
+                    t = t * f.get_tensor(sk).float().to(t.device)
         if not torch.isfinite(t).all():
             raise ValueError(f"{file}: tensor {key} contains inf or NaN")
         return t
@@ -247,7 +255,7 @@ def _units(plan: dict) -> list:
 
 
 def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False, device="cpu",
-                  group_size=64, options=None, calib_tokens=None) -> dict:
+                  group_size=64, options=None, calib_tokens=None, max_bytes=None, extra_meta=None) -> dict:
     """Quantize the FLUX transformer or T5 encoder in `src` into a lowbit checkpoint at `dst`.
 
     fmt: block format for FLUX ("svdq_w4a4", "ternary" or "w4a16"; modulation layers are always w4a16);
@@ -256,6 +264,9 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     (calib_inputs) and, held out, the per-layer output errors of the summary. calib_tokens caps the sampled
     rows read per layer. progress(done, total) is called after every layer.
     options: extra quantizer options for the svdq_w4a4 / ternary layers (e.g. {"iters": 3, "gptq": False}).
+    max_bytes: a size budget: each quantizable layer takes the block format, w4a16 or 16-bit, chosen by measured
+    error per byte (checkpoint/budget.py) so that the file fits; the layers are measured in a first pass (progress
+    counts it), the plan goes into the metadata (lowbit.plan). extra_meta: more metadata for the file.
     Returns a summary dict (sizes in bytes, seconds, layer_errors {layer: relative output error on the
     held-out rows}).
     """
@@ -284,46 +295,60 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     calib_stats.check({layer: shapes[parts["weight"]][1] for layer, parts in units
                        if "weight" in parts and len(shapes[parts["weight"]]) == 2})
     check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, family.layer_format, fmt, rank, group_size))
+
+    def quantize_layer(layer, lfmt, w, b):
+        """(packed, held-out rows or None) of one linear in format lfmt, as the checkpoint holds it."""
+        try:
+            opts = {"group_size": group_size} if lfmt == "w4a16" else \
+                {**(options or {}), **family.layer_options(layer, lfmt)}
+            absmax = fit = held = None
+            if lfmt != "w4a16":
+                absmax = calib_stats.absmax(layer, w.shape[1])
+                fit, held = calib_stats.sample(layer, w.shape[1])
+                if fit is not None:
+                    opts["calib_inputs"] = fit
+            return quantize_weight(w, b, lfmt, rank, absmax, dtype=DTYPE, device=device, **opts), held
+        except ValueError as e:
+            raise ValueError(f"{src}: layer {layer}: {e}") from None
+
+    fmt_of, offset, plan_meta = family.layer_format, 0, None
+    if max_bytes is not None:
+        check_output(dst, inputs, force, needed_bytes=max_bytes)  # before the measuring pass, not after
+        fmt_of, offset, plan_meta = _budget_pass(source, plan, units, shapes, family, fmt, rank, group_size, max_bytes,
+                                                 calib_stats, quantize_layer, device, progress)
+        check_output(dst, inputs, force, needed_bytes=_output_bytes(units, shapes, fmt_of, fmt, rank, group_size))
     out, layers, errors = {}, {}, {}
     for done, (layer, parts) in enumerate(units, 1):
-        with source.reader() as read:
+        with source.reader(device) as read:
             tensors = {end: _fetch(read, *plan[name]) for end, name in parts.items()}
-        lfmt = family.layer_format(layer, fmt) if "weight" in tensors and tensors["weight"].dim() == 2 else None
+        lfmt = fmt_of(layer, fmt) if "weight" in tensors and tensors["weight"].dim() == 2 else None
         if lfmt is not None:
             w, b = tensors.pop("weight"), tensors.pop("bias", None)
             if tensors:
                 raise ValueError(f"{src}: layer {layer}: unexpected tensors {sorted(tensors)} next to its weight")
-            try:
-                opts = {"group_size": group_size} if lfmt == "w4a16" else \
-                    {**(options or {}), **family.layer_options(layer, lfmt)}
-                absmax = fit = held = None
-                if lfmt != "w4a16":
-                    absmax = calib_stats.absmax(layer, w.shape[1])
-                    fit, held = calib_stats.sample(layer, w.shape[1])
-                    if fit is not None:
-                        opts["calib_inputs"] = fit
-                packed = quantize_weight(w, b, lfmt, rank, absmax, dtype=DTYPE, device=device, **opts)
-            except ValueError as e:
-                raise ValueError(f"{src}: layer {layer}: {e}") from None
+            packed, held = quantize_layer(layer, lfmt, w, b)
             if held is not None:
                 errors[layer] = held_out_error(packed, w, b, held)
             packed = packed.to("cpu")
             out.update({f"{layer}.{k}": v for k, v in packed.tensors().items()})
             layers[layer] = packed.config()
         else:
-            out.update({parts[end]: t.to(DTYPE) if t.is_floating_point() else t for end, t in tensors.items()})
+            out.update({parts[end]: t.to(DTYPE).cpu() if t.is_floating_point() else t for end, t in tensors.items()})
         del tensors
         if _TRIM is not None:
             _TRIM(0)
         if progress is not None:
-            progress(done, len(units))
+            progress(offset + done, offset + len(units))
     if calib_stats.missing:
         log.warning("%s: no statistics for %d of the quantized layers (e.g. %s); those were quantized data-free",
                     calib, len(calib_stats.missing), calib_stats.missing[0])
     args = {"format": fmt, "rank": rank, "group_size": group_size, "calib": os.path.basename(calib) if calib else None,
+            **({"max_bytes": max_bytes} if max_bytes is not None else {}),
             **{k: v for k, v in (options or {}).items() if isinstance(v, (bool, int, float))}}
-    save_checkpoint(dst, out, layers, model, config, force=force,
-                    extra_meta={"lowbit.source": os.path.basename(src), "lowbit.args": json.dumps(args)})
+    meta = {"lowbit.source": os.path.basename(src), "lowbit.args": json.dumps(args), **(extra_meta or {})}
+    if plan_meta is not None:
+        meta["lowbit.plan"] = plan_meta
+    save_checkpoint(dst, out, layers, model, config, force=force, extra_meta=meta)
     counts = {}
     for cfg in layers.values():
         counts[cfg["format"]] = counts.get(cfg["format"], 0) + 1
@@ -331,7 +356,58 @@ def quantize_file(src, dst, fmt, rank=32, calib=None, progress=None, force=False
     return {"src": src, "dst": dst, "model": model, "family": family.name, "config": config, "layer_counts": counts,
             "layers_total": len(units), "layers_16bit": len(units) - len(layers),
             "input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": in_bytes / max(out_bytes, 1),
-            "seconds": time.time() - t0, "calib_missing": list(calib_stats.missing), "layer_errors": errors}
+            "seconds": time.time() - t0, "calib_missing": list(calib_stats.missing), "layer_errors": errors,
+            "plan": None if plan_meta is None else json.loads(plan_meta)}
+
+
+def _budget_pass(source, plan, units, shapes, family, fmt, rank, group_size, max_bytes, calib_stats, quantize_layer,
+                 device, progress):
+    """Measure every candidate format of every quantizable layer and choose the plan (checkpoint/budget.py).
+    Returns (format of a layer, progress offset, lowbit.plan JSON)."""
+    from . import budget
+
+    linear = {layer: parts for layer, parts in units if "weight" in parts and len(shapes[parts["weight"]]) == 2}
+    cands = {layer: budget.candidates(family, layer, fmt) for layer in linear}
+    cands = {layer: c for layer, c in cands.items() if c}
+    dtypes = {name: source.dtypes.get(srcs[0], "") for name, (srcs, _) in plan.items()}
+    fixed = budget.fixed_bytes(shapes, dtypes, set(cands))
+    reserve = budget.header_reserve(shapes, list(cands))
+    floor = 0
+    for layer, c in cands.items():
+        n, k = shapes[linear[layer]["weight"]]
+        floor += min(budget.option_bytes(f, n, k, rank, group_size, "bias" in linear[layer]) for f in c)
+    budget.feasible(max_bytes, floor, fixed, reserve)
+    options, metric = {}, set()
+    for done, (layer, c) in enumerate(cands.items(), 1):
+        parts = linear[layer]
+        with source.reader(device) as read:
+            w = _fetch(read, *plan[parts["weight"]])
+            b = _fetch(read, *plan[parts["bias"]]) if "bias" in parts else None
+        rows = calib_stats.sample(layer, w.shape[1])[1]
+        metric.add("held-out calibration rows" if rows is not None else
+                   f"{budget.SYNTH_TOKENS} seeded N(0, 1) rows (GELU of them for GELU inputs)")
+        if rows is None:
+            rows = budget.synthetic_rows(layer, w.shape[1], bool(family.layer_options(layer, "svdq_w4a4")))
+        wd, bd, rows = w.to(device), None if b is None else b.to(device), rows.to(device)
+        opts = []
+        for f in c:
+            if f is None:
+                opts.append(budget.Option(None, budget.BF16 * (w.numel() + (0 if b is None else b.numel())),
+                                          budget.output_error(None, wd, bd, rows, DTYPE)))
+                continue
+            packed, _ = quantize_layer(layer, f, w, b)
+            opts.append(budget.Option(f, packed.nbytes, budget.output_error(packed, wd, bd, rows, DTYPE)))
+            del packed
+        options[layer] = opts
+        del w, b, wd, bd, rows
+        if _TRIM is not None:
+            _TRIM(0)
+        if progress is not None:
+            progress(done, len(cands) + len(units))
+    calib_stats.missing.clear()  # the main pass reports them
+    metric = f"relative squared output error per layer, summed; inputs: {' and '.join(sorted(metric))}"
+    chosen, meta = budget.plan(options, family, fmt, max_bytes, fixed, reserve, metric)
+    return (lambda layer, f: chosen[layer].fmt if layer in chosen else family.layer_format(layer, f)), len(cands), meta
 
 
 @torch.no_grad()
@@ -341,6 +417,12 @@ def held_out_error(packed, w, b, x) -> float:
     y = x @ w.to(x.device).float().t() + (0 if b is None else b.to(x.device).float())
     yq = module_from_packed(packed)(x.to(packed.dtype)).float()
     return ((yq - y).norm() / y.norm().clamp_min(1e-30)).item()
+
+
+def output_estimate(src, fmt: str, rank: int = 32, group_size: int = 64) -> int:
+    """The upper estimate of the checkpoint's size that quantize_file checks the free space against (headers only)."""
+    _, plan, shapes, _, family = _plan(_Source(str(src)))
+    return _output_bytes(_units(plan), shapes, family.layer_format, fmt, rank, group_size)
 
 
 def _output_bytes(units, shapes, fmt_of, fmt, rank, group_size) -> int:

@@ -11,7 +11,7 @@ import threading
 from .. import __version__
 
 # modules relative to this package, one per subcommand
-COMMAND_MODULES = [".quantize", ".inspect", ".convert_nunchaku", ".bench", ".demo"]
+COMMAND_MODULES = [".quantize", ".inspect", ".convert_nunchaku", ".bench", ".demo", ".cache"]
 
 
 class _Parser(argparse.ArgumentParser):

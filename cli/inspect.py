@@ -1,5 +1,6 @@
 """`lowbit inspect`: what a lowbit checkpoint holds (family, format version, layers per format, sizes), or with
 --plan what a checkpoint will weigh per format, from the real shapes of a 16-bit file or of a known model."""
+import math
 import os
 
 from .quantize import gb
@@ -22,6 +23,10 @@ def add_parser(sub) -> None:
     i.add_argument("--rank", type=int, default=None, help="--plan: low-rank branch rank (default: 32 for "
                                                           "svdq_w4a4, 64 for ternary, as lowbit quantize)")
     i.add_argument("--group-size", type=int, choices=(64, 128), default=64, help="--plan: w4a16 group size")
+    i.add_argument("--max-size", type=float, default=None, metavar="GB",
+                   help="--plan: whether a size budget (lowbit quantize --max-size) can be met: the smallest and the "
+                        "largest checkpoint a budget can choose per format (which layers get what needs the "
+                        "measurements of lowbit quantize --max-size; `lowbit inspect` of its output shows them)")
     i.set_defaults(run=run_inspect)
 
 
@@ -52,6 +57,16 @@ def run_inspect(args) -> int:
     for k in ("lowbit.source", "lowbit.args"):
         if k in info.metadata:
             print(f"{k[7:]:<8}         {info.metadata[k]}")
+    if "lowbit.plan" in info.metadata:
+        import json
+
+        from .quantize import print_plan
+
+        try:
+            args = json.loads(info.metadata.get("lowbit.args", "{}"))
+            print_plan(json.loads(info.metadata["lowbit.plan"]), size, info.family, args.get("format"))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"plan:            unreadable lowbit.plan metadata ({type(e).__name__}: {e})")
     return 0
 
 
@@ -94,4 +109,37 @@ def run_plan(args) -> int:
         rows = plan_rows(fam, config, args.rank, args.group_size)
         for label, size, n, b16 in rows:
             print(f"  {label:<16} {gb(size, 2):>10} {rows[0][1] / size:>7.2f}x {n:>17} {gb(b16, 2):>12}")
+        if args.max_size is not None:
+            print_budget_range(fam, config, args.rank, args.group_size, args.max_size)
     return 0
+
+
+def budget_range(fam, config, fmt, rank=None, group_size=64) -> tuple:
+    """(smallest, largest) checkpoint bytes a size budget can choose with block format `fmt`: every quantizable
+    layer in its smallest candidate (block format, w4a16 or 16-bit), or all 16-bit."""
+    from ..checkpoint import budget
+    from ..checkpoint.families import DEFAULT_RANK
+
+    rank = DEFAULT_RANK[fmt] if rank is None else rank
+    shapes = fam.layout.expected_shapes(config)
+    low = high = 0
+    for key, shape in shapes.items():
+        layer, _, end = key.rpartition(".")
+        cands = budget.candidates(fam, layer, fmt) if end == "weight" and len(shape) == 2 else []
+        if end == "bias" and budget.candidates(fam, layer, fmt):
+            continue
+        if not cands:
+            low, high = low + 2 * math.prod(shape), high + 2 * math.prod(shape)
+            continue
+        bias = f"{layer}.bias" in shapes
+        sizes = [budget.option_bytes(f, *shape, rank, group_size, bias) for f in cands]
+        low, high = low + min(sizes), high + max(sizes)
+    return low, high
+
+
+def print_budget_range(fam, config, rank, group_size, max_gb) -> None:
+    for fmt, _ in PLAN_FORMATS[fam.text_encoder][:2 if not fam.text_encoder else 1]:
+        low, high = budget_range(fam, config, fmt, rank, group_size)
+        verdict = ("below the smallest: refused" if max_gb * 1e9 < low else
+                   "all 16-bit fits" if max_gb * 1e9 >= high else "a mix fits")
+        print(f"  --max-size {max_gb:g} GB with {fmt}: a budget chooses between {gb(low, 2)} and {gb(high, 2)}; {verdict}")

@@ -53,6 +53,11 @@ def add_parser(sub) -> None:
     q.add_argument("--device", type=device, default="cpu", help="device to quantize on: cpu or cuda (default cpu)")
     q.add_argument("--group-size", type=int, choices=(64, 128), default=64,
                    help="group size of the w4a16 layers (default 64)")
+    q.add_argument("--max-size", type=float, default=None, metavar="GB",
+                   help="size budget of OUTPUT in GB (1e9 bytes): each quantizable layer takes the --format, w4a16 or "
+                        "16-bit, chosen by measured error per byte (held-out error on --calib samples where there are "
+                        "any, else on seeded random inputs), the best quality that fits; every layer is measured in "
+                        "each candidate format first (about twice the time). `lowbit inspect OUTPUT` shows the plan")
     q.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     q.set_defaults(run=run_quantize)
 
@@ -81,6 +86,9 @@ def run_quantize(args) -> int:
         CalibrationFile(args.calib).check_block_inputs()  # before hours of quantization, not after
     if args.act_fit < 0:
         raise ValueError(f"--act-fit must be >= 0, got {args.act_fit}")
+    if args.max_size is not None and not args.max_size > 0:
+        raise ValueError(f"--max-size must be > 0 GB, got {args.max_size}")
+    max_bytes = None if args.max_size is None else int(round(args.max_size * 1e9))
     options = {"gptq": args.gptq, "whiten": args.whiten}
     if args.format == "ternary":
         options["fit_scales"] = args.fit_scales
@@ -99,7 +107,7 @@ def run_quantize(args) -> int:
     try:
         s = quantize_file(args.input, args.output, args.format, rank=rank, calib=args.calib, progress=progress,
                           force=args.force, device=args.device, group_size=args.group_size, options=options,
-                          calib_tokens=args.calib_tokens)
+                          calib_tokens=args.calib_tokens, max_bytes=max_bytes)
     except BaseException:
         if bar is not None:  # clear the bar so that the error is the one line left
             bar.leave = False
@@ -116,6 +124,8 @@ def run_quantize(args) -> int:
     print(f"{s['dst']}: {s['model']}, {s['layers_total']} layers ({counts}); input {gb(s['input_bytes'])}, output "
           f"{gb(s['output_bytes'])}, {s['ratio']:.2f}x smaller; {s['seconds']:.1f} s")
     print_layer_errors(s["layer_errors"])
+    if s.get("plan"):
+        print_plan(s["plan"], s["output_bytes"])
     return 0
 
 
@@ -136,6 +146,29 @@ def print_refine(r: dict, steps: int) -> None:
           f"relative output error per block, before -> after")
     for name, before, after in r["blocks"]:
         print(f"  {name:40s} {before:.4f} -> {after:.4f}")
+
+
+def print_plan(plan: dict, size: int, family=None, block_fmt=None) -> None:
+    """A budgeted checkpoint's plan (lowbit.plan): budget, formats chosen, its error against the uniform plans,
+    and the layers whose format differs from the family's plan (with family and block_fmt)."""
+    counts = {}
+    for fmt, _ in plan["layers"].values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    print(f"size budget {gb(plan['max_bytes'])}: file {gb(size)}; layers "
+          + ", ".join(f"{n} {f}" for f, n in sorted(counts.items())) + f"; plan error {plan['error']:.4f}"
+          + (f" ({plan['picked']})" if plan.get("picked") != "greedy" else ""))
+    print(f"  metric: {plan['metric']}")
+    for name, u in plan["uniform"].items():
+        print(f"  uniform {name:<36} {gb(u['bytes']):>10}  error {u['error']:.4f}  {'fits' if u['fits'] else 'does not fit'}")
+    if family is None:
+        return
+    moved = [(layer, fmt, opts) for layer, (fmt, opts) in plan["layers"].items()
+             if fmt != (family.layer_format(layer, block_fmt) or "16-bit")]
+    if moved:
+        print(f"  layers not in the format's own plan ({len(moved)}): format, bytes, error (other candidates)")
+    for layer, fmt, opts in moved:
+        others = ", ".join(f"{f} {e:.4f}" for f, (_, e) in opts.items() if f != fmt)
+        print(f"    {layer:40s} {fmt:<10} {gb(opts[fmt][0]):>10} {opts[fmt][1]:.4f} ({others})")
 
 
 def print_layer_errors(errors: dict) -> None:

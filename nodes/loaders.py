@@ -132,6 +132,23 @@ class LowBitDiffusionModelLoader:
         return (load_lowbit_diffusion_model(path, DTYPES[compute_dtype], backend, activations),)
 
 
+QUANTIZE_ON_LOAD_INPUTS = {
+    "quantize_16bit": ("BOOLEAN", {"default": False,
+                       "tooltip": "Quantize a 16-bit (or fp8) text encoder to W4A16 on the first load and keep it in "
+                                  "models/lowbit_cache; later loads read the cached file. A lowbit file loads as it "
+                                  "is."}),
+    "cache_limit_gb": ("FLOAT", {"default": 64.0, "min": 0.0, "max": 100000.0, "step": 1.0,
+                       "tooltip": "Size limit of models/lowbit_cache in GB: the least recently used entries are "
+                                  "removed to make room for a new one (0: no limit)."}),
+}
+
+
+def _quantized_text_encoders(paths, cache_limit_gb, load):
+    from .quantize_on_load import _gb_to_bytes, quantize_text_encoders
+
+    return quantize_text_encoders(paths, _gb_to_bytes(cache_limit_gb, "cache_limit_gb"), load)
+
+
 def _read_text_encoder(path: str):
     """(state dict, lowbit info or None) for a lowbit or ordinary 16-bit text encoder file."""
     from .. import checkpoint
@@ -235,15 +252,19 @@ class LowBitTextEncoderLoader:
             "compute_dtype": (list(DTYPES), {"default": "auto",
                               "tooltip": "16-bit dtype of the quantized layers' scales and low-rank branch; auto keeps "
                                          "the text encoder's dtype."}),
-        }}
+        }, "optional": QUANTIZE_ON_LOAD_INPUTS}
 
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
     CATEGORY = "lowbit"
-    DESCRIPTION = "Loads FLUX's two text encoders, either of which may be a lowbit checkpoint."
+    DESCRIPTION = ("Loads FLUX's two text encoders, either of which may be a lowbit checkpoint; with quantize_16bit a "
+                   "16-bit one is quantized to W4A16 on the first load and cached.")
 
-    def load(self, clip_name1, clip_name2, compute_dtype="auto"):
+    def load(self, clip_name1, clip_name2, compute_dtype="auto", quantize_16bit=False, cache_limit_gb=64.0):
         paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
+        if quantize_16bit:
+            return (_quantized_text_encoders(paths, cache_limit_gb,
+                                             lambda p: load_lowbit_text_encoders(p, DTYPES[compute_dtype])),)
         return (load_lowbit_text_encoders(paths, DTYPES[compute_dtype]),)
 
 
@@ -331,7 +352,7 @@ class LowBitFlux2TextEncoderLoader:
             "compute_dtype": (list(DTYPES), {"default": "auto",
                               "tooltip": "16-bit dtype of the quantized layers' scales; auto keeps the text "
                                          "encoder's dtype."}),
-        }}
+        }, "optional": QUANTIZE_ON_LOAD_INPUTS}
 
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
@@ -339,6 +360,9 @@ class LowBitFlux2TextEncoderLoader:
     DESCRIPTION = ("Loads FLUX.2's text encoder (Mistral 3 for [dev], Qwen3 for [klein]) as ComfyUI's own class, "
                    "from a lowbit W4A16 file or a 16-bit one; same CLIP as Load CLIP with type flux2.")
 
-    def load(self, clip_name, compute_dtype="auto"):
+    def load(self, clip_name, compute_dtype="auto", quantize_16bit=False, cache_limit_gb=64.0):
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
+        if quantize_16bit:
+            return (_quantized_text_encoders([path], cache_limit_gb,
+                                             lambda p: load_lowbit_flux2_text_encoder(p[0], DTYPES[compute_dtype])),)
         return (load_lowbit_flux2_text_encoder(path, DTYPES[compute_dtype]),)

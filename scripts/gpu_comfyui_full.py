@@ -8,7 +8,10 @@ Phases, each a subprocess, results appended to OUT/results.jsonl as they come an
    it, --disable-dynamic-vram, and a low-VRAM run of each (reserved VRAM leaves room for ~half the model):
    load time, s/step, peak VRAM at RES x RES, a rank-32 LoRA on all block linears applied / re-weighted /
    removed; latents compared across configurations;
-4. with the time left, `lowbit quantize --device cuda` on the BF16 file (wall time, peak host RAM; if the time
+4. quantize on load (issue 29, scripts/gpu_quantize_on_load.py): the 'Load Diffusion Model, Quantize on Load' node
+   on the BF16 file, in ComfyUI on the GPU: the first load quantizes it data-free into the cache (target: <= 2
+   minutes for FLUX.1-dev on an H100), then cache hits against plain lowbit loads of the cached file;
+5. with the time left, `lowbit quantize --device cuda` on the BF16 file (wall time, peak host RAM; if the time
    runs out, the progress reached and the projected total).
 
 Streaming under DynamicVRAM (issue 27), not in the default run: `--configs stream-flux1,stream-flux2` (with
@@ -92,6 +95,8 @@ def parse_args(argv=None):
                                                                        "left ('' for none)")
     p.add_argument("--cli-reserve-s", type=float, default=45, help="time kept for `lowbit quantize` (a partial run "
                                                                       "still gives a projected total)")
+    p.add_argument("--quantize-on-load", default="svdq_w4a4", help="formats for the quantize-on-load step ('' for none)")
+    p.add_argument("--qol-reserve-s", type=float, default=200, help="time kept for the quantize-on-load step")
     p.add_argument("--quant-options", default="{}", help="JSON quantizer options for phase 2 (dry runs: '{\"iters\": 1}')")
     return p.parse_args(argv)
 
@@ -244,6 +249,21 @@ def compare_latents(r: Run, folder: Path):
                     max_abs=float((x - y).abs().max()), rel_l2=float((x - y).norm() / y.norm().clamp_min(1e-12)))
 
 
+def phase_quantize_on_load(r: Run, bf16: Path, formats: str, reserve: float):
+    """The quantize-on-load node on the BF16 file in ComfyUI on the GPU (gpu_quantize_on_load.py): rows appended to
+    results.jsonl by the step itself."""
+    left = r.left() - reserve
+    if left < 30:
+        r.write(phase="quantize_on_load", skipped="no time left")
+        return
+    args = "--cpu" if r.a.device == "cpu" else ""
+    cmd = [sys.executable, HERE / "gpu_quantize_on_load.py", "--comfyui", r.a.comfyui, f"--comfy-args={args}",
+           "--source", bf16, "--formats", formats, "--cache", r.work / "lowbit_cache", "--results", r.results,
+           "--repeats", 1 if r.a.small else 3, "--deadline", time.time() + 0.8 * left]
+    rc, text, secs = r.run("quantize on load", cmd, left)
+    r.write(phase="quantize_on_load", event="end", returncode=rc, seconds=secs, killed_at_timeout=rc is None)
+
+
 def phase_cli_quantize(r: Run, bf16: Path, formats):
     for fmt in formats:
         left = r.left() - 5
@@ -296,10 +316,14 @@ def main(argv=None):
         models = [m for m in a.models.split(",") if m]
         files = {}
         for key, fmt in (("bf16", "bf16"), ("w4a4", "svdq_w4a4"), ("ternary", "ternary")):
-            if key in models or key == "bf16" and a.cli_quantize:
+            if key in models or key == "bf16" and (a.cli_quantize or a.quantize_on_load):
                 files[key] = r.work / f"flux1-dev-random-{fmt}.safetensors"
                 build(r, fmt, files[key], tail)
-        phase_comfy(r, {k: v for k, v in files.items() if k in models}, a.cli_reserve_s if a.cli_quantize else 0.0)
+        qol_reserve = a.qol_reserve_s if a.quantize_on_load else 0.0
+        cli_reserve = a.cli_reserve_s if a.cli_quantize else 0.0
+        phase_comfy(r, {k: v for k, v in files.items() if k in models}, cli_reserve + qol_reserve)
+        if a.quantize_on_load:
+            phase_quantize_on_load(r, files["bf16"], a.quantize_on_load, cli_reserve)
         if a.cli_quantize:
             phase_cli_quantize(r, files["bf16"], [f for f in a.cli_quantize.split(",") if f])
     finally:

@@ -148,3 +148,45 @@ def test_fixed_tokens_stand_in_for_flux_tokenizer(comfy):
     cond, pooled = clip.encode_from_tokens(clip.tokenize("any text"), return_pooled=True)
     assert info["fixed_tokens"] and info["t5_layers"] == 14 and type(clip.patcher).__name__.startswith("LowBit")
     assert cond.shape == (1, 512, 128) and pooled.shape == (1, 768) and torch.isfinite(cond).all()
+
+
+def test_quantize_on_load_summary_renders_rows(tmp_path):
+    """The quantize-on-load step's rows (issue 29) become one line per format with both targets judged."""
+    from gpu_comfyui_summary import write_summary
+
+    rows = [{"phase": "quantize_on_load", "event": "miss", "format": "svdq_w4a4", "miss_s": 95.5, "key_s": 0.02,
+             "cache_bytes": 6.65e9, "gpu_peak_gb": 9.5, "host_rss_peak_gb": 14.0},
+            {"phase": "quantize_on_load", "event": "hit", "format": "svdq_w4a4", "hit_s": 3.1, "lowbit_load_s": 3.0,
+             "ratio": 1.0333},
+            {"phase": "quantize_on_load", "event": "miss", "format": "ternary", "miss_s": 150.0, "cache_bytes": 4.45e9},
+            {"phase": "quantize_on_load", "event": "error", "format": "ternary", "error": "OutOfMemoryError: x"}]
+    res = tmp_path / "results.jsonl"
+    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_summary(res, tmp_path / "summary.md")
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Quantize on load (issue 29)" in md
+    assert "| svdq_w4a4 | 95.50 | met | 6.65 | 0.02 | 9.50 | 14.00 | 3.10 | 3.00 | 1.03 | met |" in md
+    assert "| ternary | 150.00 | MISSED | 4.45 | - | - | - | - | - | - | - |" in md
+    assert "OutOfMemoryError" in md
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not COMFY, reason="COMFYUI_PATH is not set (point it at a ComfyUI 0.29.0 checkout)")
+def test_quantize_on_load_step_dry_run_on_cpu(tmp_path):
+    """gpu_quantize_on_load.py end to end on a CPU on a small built source: one miss (the node quantizes into the
+    cache), then hits and plain lowbit loads of the cached file, all timed; the cache folder is removed at the end."""
+    res = tmp_path / "results.jsonl"
+    cmd = [sys.executable, str(SCRIPTS / "gpu_quantize_on_load.py"), "--comfyui", COMFY, "--comfy-args=--cpu",
+           "--build", "128,1,1", "--source", str(tmp_path / "src.safetensors"), "--cache", str(tmp_path / "cache"),
+           "--results", str(res), "--repeats", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "LOWBIT_BACKEND": "reference", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in res.read_text().splitlines()]
+    assert not [r for r in rows if r.get("event") == "error"], rows
+    miss = next(r for r in rows if r.get("event") == "miss")
+    hit = next(r for r in rows if r.get("event") == "hit")
+    setup = next(r for r in rows if r.get("event") == "qol_setup")
+    assert miss["format"] == "svdq_w4a4" and miss["miss_s"] > 0 and 0 < miss["cache_bytes"] < setup["source_bytes"]
+    assert len(hit["hit_all_s"]) == len(hit["lowbit_load_all_s"]) == 2 and hit["ratio"] > 0
+    assert not (tmp_path / "cache").exists()

@@ -47,6 +47,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             if not _is_widget(spec):
                 continue
             if not values:
+                if name in info["input"].get("optional", {}):
+                    continue  # a widget added after the workflow was saved: the frontend shows its default
                 raise ValueError(f"node {node['id']} ({node['type']}): no widget value left for input {name!r}")
             inputs[name] = values.pop(0)
             if _has_control_widget(name, spec) and values:
