@@ -102,6 +102,16 @@ def load_lowbit_diffusion_model(path: str, dtype: torch.dtype | None = None, bac
     return wrap_patcher(patcher)
 
 
+BACKEND_INPUT = (list(kernels.BACKENDS), {
+    "default": "auto", "tooltip": "auto: Triton kernels on a GPU, the PyTorch reference on CPU. reference: exact PyTorch "
+                                  "path everywhere (slow). triton: require the Triton kernels (an error on a CPU-only "
+                                  "ComfyUI)."})
+DTYPE_INPUT = (list(DTYPES), {
+    "default": "auto", "tooltip": "16-bit dtype of the model's 16-bit weights, scales and low-rank branch; ComfyUI "
+                                  "computes in it on a GPU (on CPU it casts to float32). auto lets ComfyUI pick "
+                                  "(float16 on GPUs without bfloat16)."})
+
+
 class LowBitDiffusionModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
@@ -109,14 +119,8 @@ class LowBitDiffusionModelLoader:
             "model_name": (folder_paths.get_filename_list("diffusion_models"),
                            {"tooltip": "A lowbit FLUX.1 or FLUX.2 checkpoint (4-bit SVDQuant W4A4 or 1.58-bit ternary) in "
                                        "models/diffusion_models."}),
-            "backend": (list(kernels.BACKENDS),
-                        {"default": "auto", "tooltip": "auto: Triton kernels on a GPU, the PyTorch reference on CPU. "
-                                                       "reference: exact PyTorch path everywhere (slow). triton: require the "
-                                                       "Triton kernels (an error on a CPU-only ComfyUI)."}),
-            "compute_dtype": (list(DTYPES), {"default": "auto",
-                              "tooltip": "16-bit dtype of the model's 16-bit weights, scales and low-rank branch; ComfyUI "
-                                         "computes in it on a GPU (on CPU it casts to float32). auto lets ComfyUI pick "
-                                         "(float16 on GPUs without bfloat16)."}),
+            "backend": BACKEND_INPUT,
+            "compute_dtype": DTYPE_INPUT,
         }, "optional": {
             "activations": (list(quant_ops.ACTIVATIONS), {"default": "auto", "tooltip": ACTIVATIONS_TIP}),
         }}

@@ -16,7 +16,7 @@ def _sources() -> list[str]:
             if name.endswith(".safetensors")]
 
 
-def _calibration_files() -> list[str]:
+def calibration_files() -> list[str]:
     out = folder_paths.get_output_directory()
     found = []
     for root, _, files in os.walk(out):
@@ -49,7 +49,7 @@ class LowBitQuantizeModel:
             "rank": ("INT", {"default": AUTO_RANK, "min": AUTO_RANK, "max": 512, "step": 1,
                              "tooltip": "Rank of the 16-bit low-rank branch; -1: the format's default, as the lowbit "
                                         "command (32 for svdq_w4a4, 64 for ternary; 64-128 helps ternary); 0: none."}),
-            "calibration": ([NO_CALIB] + _calibration_files(),
+            "calibration": ([NO_CALIB] + calibration_files(),
                             {"tooltip": "A calibration file from 'LowBit Save Calibration' (ComfyUI output folder), "
                                         "or none for data-free quantization."}),
             "output_name": ("STRING", {"default": "flux-lowbit.safetensors",

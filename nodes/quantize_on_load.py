@@ -8,15 +8,15 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from .. import kernels, quant_ops
+from .. import quant_ops
 from ..checkpoint import CheckpointError, NotALowbitCheckpoint, QuantCache, quantize_cached, read_info
-from .loaders import ACTIVATIONS_TIP, DTYPES, check_backend, load_lowbit_diffusion_model
+from .loaders import ACTIVATIONS_TIP, BACKEND_INPUT, DTYPE_INPUT, DTYPES, check_backend, load_lowbit_diffusion_model
+from .quantize import NO_CALIB, calibration_files
 
 log = logging.getLogger("comfyui_lowbit")
 
 CACHE_FOLDER = "lowbit_cache"
 FORMATS = ("svdq_w4a4", "ternary")
-NO_CALIB = "none (data-free)"
 DEFAULT_LIMIT_GB = 64.0
 QUANT_VRAM = 4 * 2 ** 30  # one FLUX layer's quantization work in float32, with room (linear1: 21504 x 3072)
 
@@ -32,14 +32,6 @@ def _gb_to_bytes(gb: float, what: str) -> int | None:
     if gb < 0:
         raise ValueError(f"{what} must be >= 0 GB (0: none), got {gb}")
     return int(round(gb * 1e9)) if gb > 0 else None
-
-
-def _calibration_files() -> list[str]:
-    out = folder_paths.get_output_directory()
-    found = []
-    for root, _, files in os.walk(out):
-        found += [os.path.relpath(os.path.join(root, f), out) for f in files if f.endswith(".safetensors")]
-    return sorted(found)
 
 
 def _calib_path(calibration: str) -> str | None:
@@ -161,16 +153,11 @@ class LowBitQuantizeOnLoad:
                                        "in the format's plan. Otherwise each layer takes the format, w4a16 or 16-bit, "
                                        "chosen by measured error per byte: the best quality that fits. Quantizing "
                                        "with a budget measures every layer first (about twice the time)."}),
-            "calibration": ([NO_CALIB] + _calibration_files(),
+            "calibration": ([NO_CALIB] + calibration_files(),
                             {"tooltip": "A calibration file from 'LowBit Save Calibration' (ComfyUI output folder) "
                                         "for the quantizers and the budget's error measurements, or none (data-free)."}),
-            "backend": (list(kernels.BACKENDS),
-                        {"default": "auto", "tooltip": "auto: Triton kernels on a GPU, the PyTorch reference on CPU. "
-                                                       "reference: exact PyTorch path everywhere (slow). triton: "
-                                                       "require the Triton kernels."}),
-            "compute_dtype": (list(DTYPES), {"default": "auto",
-                              "tooltip": "16-bit dtype of the model's 16-bit weights, scales and low-rank branch; "
-                                         "auto lets ComfyUI pick."}),
+            "backend": BACKEND_INPUT,
+            "compute_dtype": DTYPE_INPUT,
         }, "optional": {
             "activations": (list(quant_ops.ACTIVATIONS), {"default": "auto", "tooltip": ACTIVATIONS_TIP}),
             "cache_limit_gb": ("FLOAT", {"default": DEFAULT_LIMIT_GB, "min": 0.0, "max": 100000.0, "step": 1.0,
