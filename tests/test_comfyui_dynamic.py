@@ -521,3 +521,28 @@ def test_torch_compile_node_traces_once_with_derived_tensors(comfy, lowbit_file,
     finally:
         mm.unload_all_models()
         torch._dynamo.reset()
+
+
+def test_blocks_compiled_directly_on_a_streaming_model(comfy, dynamic, lowbit_file, monkeypatch):
+    """Packs that torch.compile the FLUX blocks themselves (not through TorchCompileModel, whose delegate is not
+    dynamic) compile our streaming forward too: dynamo breaks the graph and recompiles in ComfyUI's own cast code
+    (comfy/ops.py pins and unpins the VBAR per layer, as for core's streamed layers), and the latent is the eager
+    one bitwise."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import comfyui_vbar
+
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    vram = comfyui_vbar.install(monkeypatch, budget=2 ** 40)
+    plain, dyn = _load(lowbit_file, False), _load(lowbit_file, True)
+    vram.set_budget(_quantized_bytes(dyn) // 2)
+    ref = _sample(comfy, plain)
+    torch._dynamo.reset()
+    dm = dyn.model.diffusion_model
+    for blocks in (dm.double_blocks, dm.single_blocks):
+        for i, block in enumerate(blocks):
+            blocks[i] = torch.compile(block, backend="eager")
+    try:
+        assert torch.equal(_sample(comfy, dyn), ref)
+    finally:
+        torch._dynamo.reset()
