@@ -17,27 +17,31 @@ CALIB_TERNARY_ITERS = 4
 
 
 def quantize_int4_groups(w: torch.Tensor, group_size: int, dtype: torch.dtype, clip_ratios=CLIP_RATIOS):
-    """Symmetric int4 per group along K with a per-group clip search (MSE).
+    """Symmetric int4 per group along K with a per-group clip search (MSE; the first ratio wins a tie).
 
     Returns q int8 (N, K) in [-8, 7] and scales (K/group, N) in `dtype`.
     """
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)
     absmax = wg.abs().amax(dim=-1)
-    best_err = best_q = best_s = None
+    best_err = best_s = None
     for r in clip_ratios:
         s = (absmax * (r / 7.0)).to(dtype).float()
-        safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
-        q = torch.round(wg / safe).clamp_(-8, 7)
-        err = ((q * s.unsqueeze(-1) - wg) ** 2).sum(dim=-1)
+        err = _round_groups(wg, s).mul_(s.unsqueeze(-1)).sub_(wg).square_().sum(dim=-1)
         if best_err is None:
-            best_err, best_q, best_s = err, q, s
+            best_err, best_s = err, s
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, s, best_s)
-            best_q = torch.where(better.unsqueeze(-1), q, best_q)
-    return best_q.reshape(n, k).to(torch.int8), best_s.t().contiguous().to(dtype)
+    # the codes of the chosen scales, rounded once more (the search keeps only errors: one full-size tensor per ratio)
+    return _round_groups(wg, best_s).reshape(n, k).to(torch.int8), best_s.t().contiguous().to(dtype)
+
+
+def _round_groups(wg: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """round(w / s) clamped to int4, as float32 (N, K/group, group); a zero scale divides by one."""
+    safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
+    return torch.round(wg / safe).clamp_(-8, 7)
 
 
 def _check_linear(weight: torch.Tensor, multiple: int, fmt: str, rank: int = 0):
@@ -103,7 +107,7 @@ def _svdq_decompose(w, bias, smooth, rank, dtype, iters, act_unsigned, x=None):
             up = down = None
             l_hat = torch.zeros_like(w_hat)
         q, scales = quantize_int4_groups(w_hat - l_hat, GROUP_SIZE, dtype)
-        r_hat = q.float() * scales.float().t().repeat_interleave(GROUP_SIZE, dim=1)
+        r_hat = (q.float().view(q.shape[0], -1, GROUP_SIZE) * scales.float().t().unsqueeze(-1)).view(q.shape)
         b = None if bias is None else bias.float()
         if act_unsigned:
             comp = ref.ACT_SHIFT * (r_hat / lam).sum(dim=1)
@@ -181,21 +185,26 @@ def w4a16(weight, bias=None, group_size=64, dtype=torch.bfloat16) -> W4A16Weight
 
 def ternarize(w: torch.Tensor, thresholds=TERNARY_THRESHOLDS):
     """Per output channel: T = sign(w) where |w| > theta * mean|w|, scale = <w, T> / <T, T>;
-    theta chosen per channel from `thresholds` by squared error. Returns (T int8 (N, K), scale f32 (N,))."""
-    mean_abs = w.abs().mean(dim=1, keepdim=True)
-    best_err = best_t = best_s = None
+    theta chosen per channel from `thresholds` by squared error (the first one wins a tie). Returns (T int8 (N, K),
+    scale f32 (N,))."""
+    w_abs, sign = w.abs(), torch.sign(w)
+    mean_abs = w_abs.mean(dim=1, keepdim=True)
+    best_err = best_cut = best_s = None
     for theta in thresholds:
-        t = torch.where(w.abs() > theta * mean_abs, torch.sign(w), torch.zeros_like(w))
-        s = (w * t).sum(dim=1) / t.abs().sum(dim=1).clamp_min(1)
-        err = ((w - t * s.unsqueeze(1)) ** 2).sum(dim=1)
+        cut = theta * mean_abs
+        keep = w_abs > cut
+        t = torch.where(keep, sign, 0.0)
+        s = (w * t).sum(dim=1) / keep.sum(dim=1).clamp_min(1)  # <T, T>: the count, exact
+        err = t.mul_(s.unsqueeze(1)).neg_().add_(w).square_().sum(dim=1)  # sum((w - T s)^2)
         if best_err is None:
-            best_err, best_t, best_s = err, t, s
+            best_err, best_cut, best_s = err, cut, s
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, s, best_s)
-            best_t = torch.where(better.unsqueeze(1), t, best_t)
-    return best_t.to(torch.int8), best_s
+            best_cut = torch.where(better.unsqueeze(1), cut, best_cut)
+    # the codes of the chosen thresholds, made once more (the search keeps only errors: one full-size tensor each)
+    return torch.where(w_abs > best_cut, sign, 0.0).to(torch.int8), best_s
 
 
 def ternary(weight, bias=None, rank=64, act_absmax=None, act_int8=False, dtype=torch.bfloat16, iters=20,

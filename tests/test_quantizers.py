@@ -107,3 +107,59 @@ def test_half_precision_and_fp8_inputs():
         w8 = lin.weight.detach().float().to(torch.float8_e4m3fn)
         packed = quantizers.w4a16(w8.float(), dtype=torch.bfloat16)
         assert packed.in_features == 128
+
+
+def _clip_search_spelled_out(w, group_size, dtype):
+    """quantize_int4_groups as its definition reads: every ratio's codes, the lowest error per group kept."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    absmax = wg.abs().amax(dim=-1)
+    best = None
+    for r in quantizers.CLIP_RATIOS:
+        s = (absmax * (r / 7.0)).to(dtype).float()
+        q = torch.round(wg / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)).clamp(-8, 7)
+        err = ((q * s.unsqueeze(-1) - wg) ** 2).sum(dim=-1)
+        if best is None:
+            best = [err, q, s]
+        else:
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better.unsqueeze(-1), q, best[1]),
+                    torch.where(better, s, best[2])]
+    return best[1].reshape(n, k).to(torch.int8), best[2].t().contiguous().to(dtype)
+
+
+def _ternarize_spelled_out(w):
+    mean_abs = w.abs().mean(dim=1, keepdim=True)
+    best = None
+    for theta in quantizers.TERNARY_THRESHOLDS:
+        t = torch.where(w.abs() > theta * mean_abs, torch.sign(w), torch.zeros_like(w))
+        s = (w * t).sum(dim=1) / t.abs().sum(dim=1).clamp_min(1)
+        err = ((w - t * s.unsqueeze(1)) ** 2).sum(dim=1)
+        if best is None:
+            best = [err, t, s]
+        else:
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better.unsqueeze(1), t, best[1]),
+                    torch.where(better, s, best[2])]
+    return best[1].to(torch.int8), best[2]
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "outliers", "zero groups", "ties"])
+def test_searches_keep_the_codes_of_their_definition(kind):
+    """The clip and threshold searches keep only each candidate's error and make the chosen codes once: the same
+    codes and scales, bit for bit, as keeping every candidate's codes (the first candidate wins a tie)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 512, generator=g)
+    if kind == "outliers":
+        w[:, :8] *= 50
+    elif kind == "zero groups":
+        w[:, :128] = 0
+        w[:5] = 0
+    elif kind == "ties":
+        w = torch.randint(-2, 3, (48, 512), generator=g).float()
+    for dtype in (torch.bfloat16, torch.float16):
+        for gs in (64, 128):
+            got, want = quantizers.quantize_int4_groups(w, gs, dtype), _clip_search_spelled_out(w, gs, dtype)
+            assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want)), (dtype, gs)
+    got, want = quantizers.ternarize(w), _ternarize_spelled_out(w)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
