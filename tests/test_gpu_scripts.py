@@ -38,9 +38,17 @@ def test_trimmed_comfyui_copy_imports_and_fits_the_carry(tmp_path):
     assert "ModelPatcherDynamic" in out.stdout
 
 
-def test_summary_renders_result_rows(tmp_path):
+def _summary(tmp_path, rows) -> str:
+    """The Markdown summary gpu_comfyui_summary.py writes for these result rows."""
     from gpu_comfyui_summary import write_summary
 
+    res = tmp_path / "results.jsonl"
+    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_summary(res, tmp_path / "summary.md")
+    return (tmp_path / "summary.md").read_text()
+
+
+def test_summary_renders_result_rows(tmp_path):
     rows = [
         {"phase": "env", "gpu": "NVIDIA H100 80GB HBM3", "gpu_mem_gb": 79.2, "torch": "2.11.0+cu130", "cuda": "13.0",
          "triton": "3.6.0", "python": "3.12.3", "comfyui": "0.29.0", "small": False, "budget_s": 480},
@@ -62,10 +70,7 @@ def test_summary_renders_result_rows(tmp_path):
          "projected_total_s": 327.75, "host_rss_peak_gb": 8.2},
         {"config": "static", "model": "bf16", "event": "error", "error": "OutOfMemoryError: CUDA out of memory"},
     ]
-    res = tmp_path / "results.jsonl"
-    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_summary(res, tmp_path / "summary.md")
-    md = (tmp_path / "summary.md").read_text()
+    md = _summary(tmp_path, rows)
     assert "NVIDIA H100 80GB HBM3" in md and "| svdq_w4a4 | 6.65 | 31.00 |" in md
     assert "| dynamic | w4a4 | LowBitModelPatcherDynamic | 6.20 | 3.10 | 0.90 | 95.00 | 0.61 | 7.40 |" in md
     assert "| dynamic | w4a4 | 1.20 | 0.30 | 0.70 | 1.30 | 0.05 | yes | yes | 0.20 |" in md
@@ -86,8 +91,6 @@ def test_quantize_progress_is_read_from_the_log(tmp_path):
 def test_stream_summary_renders_rows(tmp_path):
     """The DynamicVRAM streaming rows (issue 27) become one table line per model and card, with the target checked
     only where at least half the quantized bytes streamed."""
-    from gpu_comfyui_summary import write_summary
-
     base = {"config": "stream-flux1", "model": "w4a4", "event": "stream", "quantized_gb": 6.2}
     rows = [
         {"config": "stream-flux1", "model": "w4a4", "event": "stream_load", "patcher": "LowBitModelPatcherDynamic",
@@ -99,10 +102,7 @@ def test_stream_summary_renders_rows(tmp_path):
         {**base, "config": "stream-flux2", "model": "flux2", "card_gb": 16.0, "step_s": 3.0, "slowdown": 1.6,
          "quant_streamed_fraction": 0.6, "latent_identical": True},
     ]
-    res = tmp_path / "results.jsonl"
-    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_summary(res, tmp_path / "summary.md")
-    md = (tmp_path / "summary.md").read_text()
+    md = _summary(tmp_path, rows)
     assert "## DynamicVRAM streaming (issue 27)" in md and "quantized 6.20 GB of 6.60 GB, lowbit T5 2.40 GB" in md
     assert "| stream-flux1 | w4a4 | whole GPU | 0.40 | 80.00 | 0.60 | - |" in md
     assert "| stream-flux1 | w4a4 | 12 | - | - | 0.62 | 1.03 | - | 0.10 | - | - | - | yes | - |" in md
@@ -152,18 +152,13 @@ def test_fixed_tokens_stand_in_for_flux_tokenizer(comfy):
 
 def test_quantize_on_load_summary_renders_rows(tmp_path):
     """The quantize-on-load step's rows (issue 29) become one line per format with both targets judged."""
-    from gpu_comfyui_summary import write_summary
-
     rows = [{"phase": "quantize_on_load", "event": "miss", "format": "svdq_w4a4", "miss_s": 95.5, "key_s": 0.02,
              "cache_bytes": 6.65e9, "gpu_peak_gb": 9.5, "host_rss_peak_gb": 14.0},
             {"phase": "quantize_on_load", "event": "hit", "format": "svdq_w4a4", "hit_s": 3.1, "lowbit_load_s": 3.0,
              "ratio": 1.0333},
             {"phase": "quantize_on_load", "event": "miss", "format": "ternary", "miss_s": 150.0, "cache_bytes": 4.45e9},
             {"phase": "quantize_on_load", "event": "error", "format": "ternary", "error": "OutOfMemoryError: x"}]
-    res = tmp_path / "results.jsonl"
-    res.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_summary(res, tmp_path / "summary.md")
-    md = (tmp_path / "summary.md").read_text()
+    md = _summary(tmp_path, rows)
     assert "## Quantize on load (issue 29)" in md
     assert "| svdq_w4a4 | 95.50 | met | 6.65 | 0.02 | 9.50 | 14.00 | 3.10 | 3.00 | 1.03 | met |" in md
     assert "| ternary | 150.00 | MISSED | 4.45 | - | - | - | - | - | - | - |" in md
