@@ -2,6 +2,8 @@
 ComfyUI hard-codes CLIP-L's architecture, so the config recorded is informational."""
 import re
 
+from .layout import layer_count, shape_reader
+
 DETECT_KEYS = ("text_model.encoder.layers.0.mlp.fc1.weight", "text_model.embeddings.token_embedding.weight")
 BIGGER_CLIPS = ("text_model.encoder.layers.22.mlp.fc1.weight",)  # CLIP-H / CLIP-G: not supported here
 FORMAT = "w4a16"
@@ -20,17 +22,11 @@ def is_clip_l(keys) -> bool:
 
 
 def infer_config(shapes: dict) -> dict:
-    def shape(k):
-        if k not in shapes:
-            raise ValueError(f"missing tensor {k}; not a complete CLIP-L text encoder")
-        return tuple(shapes[k])
-
+    shape = shape_reader(shapes, "CLIP-L text encoder")
     vocab, hidden = shape("text_model.embeddings.token_embedding.weight")
-    idx = {int(m.group(1)) for k in shapes if (m := re.match(r"^text_model\.encoder\.layers\.(\d+)\.", k))}
-    if idx != set(range(len(idx))):
-        raise ValueError(f"CLIP layer indices {sorted(idx)} are not 0..{len(idx) - 1}; the file is incomplete")
+    layers = layer_count(shapes, r"^text_model\.encoder\.layers\.(\d+)\.", "CLIP layer")
     return {"hidden_size": hidden, "intermediate_size": shape("text_model.encoder.layers.0.mlp.fc1.weight")[0],
-            "num_hidden_layers": len(idx), "vocab_size": vocab,
+            "num_hidden_layers": layers, "vocab_size": vocab,
             "max_position_embeddings": shape("text_model.embeddings.position_embedding.weight")[0]}
 
 

@@ -9,6 +9,8 @@ no biases, 128 latent channels at patch size 1, 4 rotary axes of 32, theta 2000.
 """
 import re
 
+from .layout import find_prefix, shape_reader
+
 HEAD_DIM = 128
 AXES_DIM = [16, 56, 56]
 FLUX2_AXES_DIM = [32, 32, 32, 32]
@@ -49,11 +51,7 @@ def layer_options(name: str, fmt: str, family: str = "flux1") -> dict:
 
 def strip_prefix(keys) -> str:
     """The common prefix in PREFIXES carried by the keys of a FLUX file ('' if none)."""
-    keys = list(keys)
-    for p in PREFIXES:
-        if any(k.startswith(p + "img_in.") or k.startswith(p + "x_embedder.") for k in keys):
-            return p
-    return ""
+    return find_prefix(keys, PREFIXES, ("img_in.", "x_embedder."))
 
 
 def naming(keys) -> str | None:
@@ -78,11 +76,7 @@ def _count(keys, pattern: str) -> int:
 def infer_config(shapes: dict) -> dict:
     """FLUX config from BFL tensor shapes {name: shape} (see checkpoint contract); FLUX.2 when the global
     modulation is there, as ComfyUI detects it."""
-    def shape(k):
-        if k not in shapes:
-            raise ValueError(f"missing tensor {k}; not a complete FLUX transformer")
-        return tuple(shapes[k])
-
+    shape = shape_reader(shapes, "FLUX transformer")
     hidden, in_ch = shape("img_in.weight")
     if hidden % HEAD_DIM:
         raise ValueError(f"img_in.weight: hidden size {hidden} is not a multiple of the head dim {HEAD_DIM}")

@@ -8,7 +8,7 @@ ComfyUI builds these encoders from its own configs (Qwen3_4BConfig, Qwen3_8BConf
 picks the class from the file (comfy/sd.py detect_te_model: Qwen3 by `q_norm` and width 2560 / 4096, Mistral 3 by
 width 5120, "pruned" when layer 39 is absent). `model_type` in the config names that class.
 """
-import re
+from .layout import find_prefix, layer_count, shape_reader
 
 HEAD_DIM = 128  # every ComfyUI llama-style config above has head_dim 128 (a class constant, not a field)
 PREFIXES = ("text_encoders.qwen3_4b.transformer.", "text_encoders.qwen3_8b.transformer.",
@@ -29,11 +29,7 @@ OPTIONAL_CONFIG = {}
 
 
 def strip_prefix(keys) -> str:
-    keys = list(keys)
-    for p in PREFIXES:
-        if any(k.startswith(p + "model.layers.") for k in keys):
-            return p
-    return ""
+    return find_prefix(keys, PREFIXES, ("model.layers.",))
 
 
 def is_llm(keys) -> bool:
@@ -54,23 +50,17 @@ def model_type(hidden: int, q_norm: bool) -> str:
 
 def infer_config(shapes: dict) -> dict:
     """The ComfyUI llama config fields a FLUX.2 text encoder file implies (plus its model_type)."""
-    def shape(k):
-        if k not in shapes:
-            raise ValueError(f"missing tensor {k}; not a complete FLUX.2 text encoder")
-        return tuple(shapes[k])
-
+    shape = shape_reader(shapes, "FLUX.2 text encoder")
     vocab, hidden = shape("model.embed_tokens.weight")
     q = shape("model.layers.0.self_attn.q_proj.weight")[0]
     kv = shape("model.layers.0.self_attn.k_proj.weight")[0]
     if q % HEAD_DIM or kv % HEAD_DIM:
         raise ValueError(f"model.layers.0.self_attn: q_proj / k_proj widths {q} / {kv} are not multiples of the "
                          f"head dim {HEAD_DIM} that ComfyUI's Qwen3 / Mistral 3 classes use")
-    idx = {int(m.group(1)) for k in shapes if (m := re.match(r"^model\.layers\.(\d+)\.", k))}
-    if idx != set(range(len(idx))):
-        raise ValueError(f"layer indices {sorted(idx)} are not 0..{len(idx) - 1}; the file is incomplete")
+    layers = layer_count(shapes, r"^model\.layers\.(\d+)\.", "layer")
     q_norm = "model.layers.0.self_attn.q_norm.weight" in shapes
     return {"model_type": model_type(hidden, q_norm), "vocab_size": vocab, "hidden_size": hidden,
-            "intermediate_size": shape("model.layers.0.mlp.gate_proj.weight")[0], "num_hidden_layers": len(idx),
+            "intermediate_size": shape("model.layers.0.mlp.gate_proj.weight")[0], "num_hidden_layers": layers,
             "num_attention_heads": q // HEAD_DIM, "num_key_value_heads": kv // HEAD_DIM, "q_norm": q_norm,
             "final_norm": "model.norm.weight" in shapes, "lm_head": "model.lm_head.weight" in shapes}
 

@@ -1,6 +1,8 @@
 """T5 encoder layout (ComfyUI's key names): which tensors are quantized, config from tensor shapes."""
 import re
 
+from .layout import find_prefix, layer_count, shape_reader
+
 PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.", "transformer.")
 DETECT_KEYS = ("shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight")
 OPTIONAL_KEYS = ("encoder.embed_tokens.weight",)  # some exports keep a tied copy of shared.weight
@@ -16,11 +18,7 @@ LINEAR = re.compile(r"^encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.
 
 
 def strip_prefix(keys) -> str:
-    keys = list(keys)
-    for p in PREFIXES:
-        if any(k.startswith(p + "encoder.block.") for k in keys):
-            return p
-    return ""
+    return find_prefix(keys, PREFIXES, ("encoder.block.",))
 
 
 def is_t5(keys) -> bool:
@@ -30,23 +28,17 @@ def is_t5(keys) -> bool:
 
 def infer_config(shapes: dict) -> dict:
     """The T5 config keys ComfyUI's T5 reads (t5xxl_model_config), from tensor shapes."""
-    def shape(k):
-        if k not in shapes:
-            raise ValueError(f"missing tensor {k}; not a complete T5 encoder")
-        return tuple(shapes[k])
-
+    shape = shape_reader(shapes, "T5 encoder")
     vocab, d_model = shape("shared.weight")
     inner = shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
     buckets, heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shapes
     d_ff = shape("encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
-    idx = {int(m.group(1)) for k in shapes if (m := re.match(r"^encoder\.block\.(\d+)\.", k))}
-    if idx != set(range(len(idx))):
-        raise ValueError(f"T5 block indices {sorted(idx)} are not 0..{len(idx) - 1}; the file is incomplete")
+    layers = layer_count(shapes, r"^encoder\.block\.(\d+)\.", "T5 block")
     if inner % heads:
         raise ValueError(f"encoder.block.0.layer.0.SelfAttention.q.weight: inner dim {inner} is not a multiple of "
                          f"the {heads} heads of relative_attention_bias")
-    return {"d_ff": d_ff, "d_kv": inner // heads, "d_model": d_model, "num_heads": heads, "num_layers": len(idx),
+    return {"d_ff": d_ff, "d_kv": inner // heads, "d_model": d_model, "num_heads": heads, "num_layers": layers,
             "vocab_size": vocab, "dense_act_fn": "gelu_pytorch_tanh" if gated else "relu", "is_gated_act": gated,
             "model_type": "t5", "relative_attention_num_buckets": buckets, "layer_norm_epsilon": 1e-6}
 
