@@ -49,21 +49,33 @@ def _quantize_sd(model, rank=16):
     return {k.replace("_norm.weight", "_norm.scale"): v for k, v in sd.items()}, layers
 
 
-@pytest.fixture(scope="module")
-def models(comfy):
-    """(16-bit ModelPatcher, lowbit ModelPatcher, lowbit.layers) for one tiny random FLUX."""
+def tiny_state_dicts():
+    """(16-bit state dict, its lowbit state dict, lowbit.layers) of one tiny random FLUX in ComfyUI's naming."""
     import comfy.ldm.flux.model
-
-    from comfyui_lowbit.nodes.ops import make_ops
-    from comfyui_lowbit.nodes.patcher import wrap_patcher
 
     flux = comfy.ldm.flux.model.Flux(operations=comfy.ops.manual_cast, dtype=torch.bfloat16, **TINY)
     randomize_module(flux, 0)
     sd16 = {k.replace("_norm.weight", "_norm.scale"): v.clone() for k, v in flux.state_dict().items()}
     qsd, layers = _quantize_sd(flux)
-    mp16 = comfy.sd.load_diffusion_model_state_dict(sd16)
-    mpq = wrap_patcher(comfy.sd.load_diffusion_model_state_dict(qsd, model_options={"custom_operations": make_ops(layers)}))
-    return mp16, mpq, layers
+    return sd16, qsd, layers
+
+
+def load_lowbit_sd(sd, layers):
+    """A lowbit ModelPatcher of the lowbit state dict `sd` (a copy: ComfyUI's loader consumes its dict)."""
+    import comfy.sd
+
+    from comfyui_lowbit.nodes.ops import make_ops
+    from comfyui_lowbit.nodes.patcher import wrap_patcher
+
+    options = {"custom_operations": make_ops(layers)}
+    return wrap_patcher(comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=options))
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    """(16-bit ModelPatcher, lowbit ModelPatcher, lowbit.layers) for one tiny random FLUX."""
+    sd16, qsd, layers = tiny_state_dicts()
+    return comfy.sd.load_diffusion_model_state_dict(sd16), load_lowbit_sd(qsd, layers), layers
 
 
 def _lowbit(mp):

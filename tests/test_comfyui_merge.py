@@ -14,8 +14,7 @@ import os
 
 import pytest
 import torch
-from synthetic import randomize_module
-from test_comfyui_lora import TINY, _inputs, _lowbit, _quantize_sd, make_lora
+from test_comfyui_lora import _lowbit, _run, load_lowbit_sd, make_lora, tiny_state_dicts
 
 COMFY = os.environ.get("COMFYUI_PATH")
 pytestmark = [pytest.mark.comfyui,
@@ -30,36 +29,16 @@ def _reference_backend(monkeypatch):
 @pytest.fixture(scope="module")
 def models(comfy):
     """(lowbit, the same lowbit model loaded again, another lowbit model, the 16-bit model) for one tiny FLUX."""
-    import comfy.ldm.flux.model
-
-    from comfyui_lowbit.nodes.ops import make_ops
-    from comfyui_lowbit.nodes.patcher import wrap_patcher
-
-    flux = comfy.ldm.flux.model.Flux(operations=comfy.ops.manual_cast, dtype=torch.bfloat16, **TINY)
-    randomize_module(flux, 0)
-    sd16 = {k.replace("_norm.weight", "_norm.scale"): v.clone() for k, v in flux.state_dict().items()}
-    qsd, layers = _quantize_sd(flux)
+    sd16, qsd, layers = tiny_state_dicts()
     other = {k: v * 1.25 if k.endswith((".wscales", "img_in.weight")) else v for k, v in qsd.items()}
-
-    def load(sd):
-        return wrap_patcher(comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"custom_operations": make_ops(layers)}))
-
-    return load(qsd), load(qsd), load(other), comfy.sd.load_diffusion_model_state_dict(sd16)
+    return (load_lowbit_sd(qsd, layers), load_lowbit_sd(qsd, layers), load_lowbit_sd(other, layers),
+            comfy.sd.load_diffusion_model_state_dict(sd16))
 
 
 def _merge(a, b, ratio):
     from comfy_extras.nodes_model_merging import ModelMergeSimple
 
     return ModelMergeSimple().merge(a, b, ratio)[0]
-
-
-def _run(mp):
-    mp.patch_model()
-    try:
-        with torch.no_grad():
-            return mp.model.diffusion_model(**_inputs()).float()
-    finally:
-        mp.unpatch_model()
 
 
 def _buffers(mp) -> dict:
