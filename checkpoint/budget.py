@@ -75,10 +75,6 @@ def output_error(packed, w: torch.Tensor, b, x: torch.Tensor, dtype=torch.bfloat
     return ((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
 
 
-def smallest(options: dict) -> int:
-    return sum(min(o.bytes for o in opts) for opts in options.values())
-
-
 def choose(options: dict, room: int) -> dict:
     """{layer: Option} minimizing the summed error with the summed bytes <= room (greedy by error per byte)."""
     cur = {layer: min(opts, key=lambda o: (o.bytes, o.error)) for layer, opts in options.items()}

@@ -70,8 +70,9 @@ class _Source:
                 _refuse_quantized(path, f.metadata() or {}, f.keys())
                 for k in f.keys():
                     try:
-                        self.shapes[k] = tuple(f.get_slice(k).get_shape())
-                        self.dtypes[k] = f.get_slice(k).get_dtype()
+                        entry = f.get_slice(k)
+                        self.shapes[k] = tuple(entry.get_shape())
+                        self.dtypes[k] = entry.get_dtype()
                     except Exception as e:
                         raise ValueError(f"{file}: tensor {k}: unreadable header entry ({e})") from None
                     self.files[k] = file
@@ -91,8 +92,6 @@ class _Source:
             file = self.files[key]
             if file not in handles:
                 handles[file] = stack.enter_context(_open(file))
-            if device is None:
-                return self._read(handles[file], file, key)
             return self._read(handles[file], file, key, device)
 
         with contextlib.ExitStack() as stack:
@@ -392,7 +391,8 @@ def _budget_pass(source, plan, units, shapes, family, fmt, rank, group_size, max
         opts = []
         for f in c:
             if f is None:
-                opts.append(budget.Option(None, budget.BF16 * (w.numel() + (0 if b is None else b.numel())),
+                n, k = w.shape
+                opts.append(budget.Option(None, budget.option_bytes(None, n, k, rank, group_size, b is not None),
                                           budget.output_error(None, wd, bd, rows, DTYPE)))
                 continue
             packed, _ = quantize_layer(layer, f, w, b)
