@@ -95,12 +95,21 @@ def _same(t, own) -> bool:
     return torch.equal(t.to(own.device), own)
 
 
+def _lora_factor(path: str, module: LowBitLinear, v, strength, offset) -> LoraFactor:
+    """The LoraFactor of one ComfyUI LoRA weight patch on a quantized layer, checked against the layer's shape."""
+    up, down, alpha = v.weights[:3]
+    out_off, in_off = _offsets(offset)
+    where = "" if offset is None else f" offset {tuple(offset)}"
+    f = LoraFactor.from_alpha(up.flatten(1), down.flatten(1), alpha, strength, out_offset=out_off, in_offset=in_off,
+                              name=f"{path}.weight{where}")
+    check_factor(f, module.out_features, module.in_features, layer=path)
+    return f
+
+
 def _merge_terms(path: str, module: LowBitLinear, patches: list, own_weight):
     """A quantized layer's patches as c * (its own weight) + LoRA factors, following ComfyUI's calculate_weight
     (each patch first scales what came before by its strength_model, then adds strength x its value): (c, factors),
     or a reason string where the patches hold something else (another model's weights, a diff, ...)."""
-    n, k = module.out_features, module.in_features
-    key = f"{path}.weight"
     c, factors = 1.0, []
     for strength, v, strength_model, offset, function in patches:
         if strength_model != 1.0:
@@ -118,12 +127,7 @@ def _merge_terms(path: str, module: LowBitLinear, patches: list, own_weight):
             c += strength * sub[0]
             factors += [dataclasses.replace(f, scale=f.scale * strength) for f in sub[1]]
         elif kind == "lora" and function is None and all(t is None for t in v.weights[3:6]):
-            up, down, alpha = v.weights[:3]
-            out_off, in_off = _offsets(offset)
-            f = LoraFactor.from_alpha(up.flatten(1), down.flatten(1), alpha, strength, out_offset=out_off,
-                                      in_offset=in_off, name=f"{key}{'' if offset is None else f' offset {tuple(offset)}'}")
-            check_factor(f, n, k, layer=path)
-            factors.append(f)
+            factors.append(_lora_factor(path, module, v, strength, offset))
         else:
             return f"a {kind} patch"
     return c, factors
@@ -166,7 +170,7 @@ def lora_plan(path: str, module: LowBitLinear, weight_patches: list, bias_patche
     if merged is not None:  # not representable: the merge is left out, the LoRAs still go in
         weight_patches = [p for p in weight_patches if _kind(p[1]) != "merge"]
         bias_patches = [p for p in bias_patches if _kind(p[1]) != "merge"]
-    n, k = module.out_features, module.in_features
+    n = module.out_features
     factors, skipped, bias_delta = [], [], None
     for strength, v, strength_model, offset, function in weight_patches:
         key = f"{path}.weight"
@@ -174,15 +178,11 @@ def lora_plan(path: str, module: LowBitLinear, weight_patches: list, bias_patche
             why = ", strength_model" if strength_model != 1.0 else ", function" if function is not None else ""
             skipped.append(f"{key} ({_kind(v)}{why})")
             continue
-        up, down, alpha, mid, dora_scale, reshape = v.weights
+        mid, dora_scale, reshape = v.weights[3:6]
         if mid is not None or dora_scale is not None or reshape is not None:
             skipped.append(f"{key} ({'dora' if dora_scale is not None else 'locon mid/reshape'})")
             continue
-        out_off, in_off = _offsets(offset)
-        where = "" if offset is None else f" offset {tuple(offset)}"
-        f = LoraFactor.from_alpha(up.flatten(1), down.flatten(1), alpha, strength, out_offset=out_off,
-                                  in_offset=in_off, name=f"{key}{where}")
-        check_factor(f, n, k, layer=path)
+        f = _lora_factor(path, module, v, strength, offset)
         if strength != 0.0:
             factors.append(f)
     for strength, v, strength_model, offset, function in bias_patches:
