@@ -484,19 +484,12 @@ def run_bench(device=None, small=False, ms=None, formats=LAYER_FORMATS, model_fo
     if device.type != "cuda" and not small:
         raise ValueError(f"the full benchmark (FLUX.1-dev shapes, 12B-parameter model) needs a CUDA GPU; "
                          f"on {device} run it with --small")
-    for f in formats:
-        if f not in LAYER_FORMATS:
-            raise ValueError(f"unknown layer format {f!r}, expected some of {LAYER_FORMATS}")
-    for f in model_formats:
-        if f not in MODEL_FORMATS:
-            raise ValueError(f"unknown model format {f!r}, expected some of {MODEL_FORMATS}")
     shapes = list(shapes or ("flux1", "t5"))
-    for name in shapes:
-        if name not in SHAPE_SETS:
-            raise ValueError(f"unknown shape set {name!r}, expected some of {SHAPE_SETS}")
-    for name in models:
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}, expected some of {tuple(MODELS)}")
+    for what, given, known in (("layer format", formats, LAYER_FORMATS), ("model format", model_formats, MODEL_FORMATS),
+                               ("shape set", shapes, SHAPE_SETS), ("model", models, tuple(MODELS))):
+        unknown = [v for v in given if v not in known]
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown[0]!r}, expected some of {known}")
     config = SMALL_CONFIG if small else FLUX_DEV_CONFIG
     ms = tuple(ms or (SMALL_MS if small else FULL_MS))
     warmup = (1 if small else 5) if warmup is None else warmup
