@@ -159,7 +159,7 @@ def test_ctrl_c_inside_an_extension_still_reads_as_interrupted(tmp_path, files, 
     out = tmp_path / "out"
     out.mkdir()
 
-    def read_interrupted(self, f, file, key):
+    def read_interrupted(self, f, file, key, device=None):
         try:
             os.kill(os.getpid(), signal.SIGINT)
         except KeyboardInterrupt:
